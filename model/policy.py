@@ -1,0 +1,253 @@
+"""The policy interface: batched generation with a KV cache, and the training forward.
+
+`Policy` is model-agnostic. A model plugs in through `AudioLM`, four small methods:
+encode audio (the frozen part, cacheable), build input embeddings with the audio in its
+placeholders, run the decoder with a KV cache, and count placeholders per clip. The
+embedded Step-Audio-2-style model and `transformers`-native audio LMs (Qwen2-Audio)
+both implement it, so generation, log-probabilities and LoRA work the same for both.
+
+Sampling is seeded per (prompt, sample): row r draws its uniforms from its own
+generator, so a prompt's samples do not depend on which other prompts share the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vocalign.data.types import Prompt
+
+from .tokenizer import ChatTokenizer
+
+
+class AudioLM(Protocol):
+    """What a model provides to `Policy`."""
+
+    def encode_audio(self, waveforms: list) -> list[torch.Tensor]: ...
+
+    def input_embeddings(self, input_ids: torch.Tensor, encoded: list[torch.Tensor] | None) -> torch.Tensor: ...
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False): ...
+
+    def audio_placeholders(self, n_samples: int) -> int: ...
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling temperature must be > 0 (got {self.temperature}); use a small value such as 1e-3 for near-greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class PromptBatch:
+    """Prompts rendered to ids (left-padded) with their audio encoded."""
+
+    prompts: list[Prompt]
+    ids: list[list[int]]
+    encoded: list[list[torch.Tensor]]  # per prompt, encoder frames of each clip
+
+
+@dataclass
+class Generation:
+    prompt_index: int
+    sample_index: int
+    response_ids: list[int]
+    logprobs: list[float]
+    finished: bool
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response sequences for a training forward.
+
+    `input_ids` is [B, P + R]: prompts left-padded to P, responses right-padded to R.
+    `response_mask` [B, R] marks real response tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_len: int
+    encoded: list[torch.Tensor]  # encoder frames of every clip, in row order
+
+
+def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{prompt_id}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _sample(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
+    logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    probs, order = logp.exp().sort(dim=-1, descending=True)
+    cum = probs.cumsum(-1)
+    probs = probs * ((cum - probs) < sampling.top_p)  # the smallest set reaching top_p
+    cum = probs.cumsum(-1)
+    pick = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    tokens = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class Policy:
+    """A trainable speech LM: generation, log-probabilities, LoRA and trainable state."""
+
+    def __init__(self, model: nn.Module, tokenizer: ChatTokenizer, detokenizer=None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.detokenizer = detokenizer
+        self.lora = False
+
+    # -- inputs --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[Prompt]) -> PromptBatch:
+        clips = [a.waveform for p in prompts for a in p.audio]
+        encoded = self.model.encode_audio(clips) if clips else []
+        per_prompt, ids, k = [], [], 0
+        for p in prompts:
+            n = len(p.audio)
+            frames = encoded[k : k + n]
+            k += n
+            per_prompt.append(frames)
+            ids.append(self.tokenizer.render_prompt(p.messages, [self.model.audio_placeholders(len(a.waveform)) for a in p.audio]))
+        return PromptBatch(prompts, ids, per_prompt)
+
+    def sequences(self, prompt_ids: list[list[int]], response_ids: list[list[int]], encoded: list[list[torch.Tensor]]) -> SequenceBatch:
+        """Pack prompts (left-padded) and responses (right-padded) into one batch."""
+        pad = self.tokenizer.pad_id
+        P = max(len(p) for p in prompt_ids)
+        R = max(1, max(len(r) for r in response_ids))
+        rows, mask, rmask = [], [], []
+        for p, r in zip(prompt_ids, response_ids):
+            rows.append([pad] * (P - len(p)) + list(p) + list(r) + [pad] * (R - len(r)))
+            mask.append([0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)))
+            rmask.append([1] * len(r) + [0] * (R - len(r)))
+        device = self.device
+        return SequenceBatch(
+            input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
+            response_mask=torch.tensor(rmask, device=device, dtype=torch.float32), prompt_len=P,
+            encoded=[e for frames in encoded for e in frames],
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, n: int, sampling: Sampling, seed: int = 0) -> list[Generation]:
+        """`n` samples per prompt, grouped by prompt. Seeded per (seed, prompt id, sample)."""
+        rows = [(i, j) for i in range(len(batch.prompts)) for j in range(n)]
+        seq = self.sequences([batch.ids[i] for i, _ in rows], [[] for _ in rows], [batch.encoded[i] for i, _ in rows])
+        ids, mask = seq.input_ids[:, : seq.prompt_len], seq.attention_mask[:, : seq.prompt_len]
+        B, T = len(rows), sampling.max_new_tokens
+        uniforms = torch.stack([
+            torch.rand(T, generator=torch.Generator().manual_seed(row_seed(seed, batch.prompts[i].id, j)))
+            for i, j in rows
+        ]).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        embeds = self.model.input_embeddings(ids, seq.encoded)
+        positions = _positions(mask)
+        logits, past = self.model.decode(embeds, mask, positions, use_cache=True)
+        out = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros(B, T, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        lengths = torch.full((B,), T, device=self.device)
+        for t in range(T):
+            tok, lp = _sample(logits[:, -1], uniforms[:, t], sampling)
+            tok = torch.where(done, self.tokenizer.pad_id, tok)
+            out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
+            newly = ~done & (tok == self.tokenizer.eot_id)
+            lengths = torch.where(newly, t + 1, lengths)
+            done |= newly
+            if bool(done.all()) or t == T - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            positions = positions[:, -1:] + 1
+            embeds = self.model.input_embeddings(tok.unsqueeze(1), None)
+            logits, past = self.model.decode(embeds, mask, positions, cache=past, use_cache=True)
+        self.model.train(was_training)
+        gens = []
+        for r, (i, j) in enumerate(rows):
+            L = int(lengths[r])
+            gens.append(Generation(i, j, out[r, :L].tolist(), logps[r, :L].tolist(), bool(done[r])))
+        return gens
+
+    # -- training forward ----------------------------------------------------------------
+    def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """Logits that predict each response token: [B, R, V]."""
+        embeds = self.model.input_embeddings(batch.input_ids, batch.encoded)
+        logits, _ = self.model.decode(embeds, batch.attention_mask, _positions(batch.attention_mask))
+        P = batch.prompt_len
+        return logits[:, P - 1 : -1]
+
+    def logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probabilities of the response tokens under `temperature`: [B, R]."""
+        logits = self.response_logits(batch).float() / temperature
+        targets = batch.input_ids[:, batch.prompt_len :]
+        return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+
+    # -- LoRA and trainable state --------------------------------------------------------
+    def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+        """Wrap the LM in peft LoRA adapters; the audio encoder and adaptor are frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.lm = get_peft_model(self.model.lm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+        self.lora = True
+
+    def freeze_encoder(self) -> None:
+        for p in self.model.encoder.parameters():
+            p.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors training changes: only the adapter under LoRA, else every trainable weight."""
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model.lm).items()}
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model.lm, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"adapter state has keys this policy does not: {unexpected[:5]}")
+            return
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"trainable state has keys this policy does not: {unexpected[:5]}")
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference model: under LoRA, the base model with the adapters disabled."""
+        if not self.lora:
+            raise RuntimeError("a full-weight policy has no built-in reference; keep a frozen copy instead")
+        with self.model.lm.disable_adapter():
+            yield self
