@@ -1,0 +1,30 @@
+"""Rewards: the reward API and registry (`registry`), and the built-in reward functions.
+
+Importing this package registers the built-in rewards (`correctness`, ...), so
+`get_reward("correctness")` works after `import vocalign.rewards`.
+"""
+
+from vocalign.rewards import correctness as _correctness  # noqa: F401  (registers "correctness")
+from vocalign.rewards.registry import (
+    REQUIRED,
+    RewardError,
+    RewardInfo,
+    RewardScores,
+    RewardSpec,
+    get_reward,
+    list_rewards,
+    reward,
+    score,
+)
+
+__all__ = [
+    "REQUIRED",
+    "RewardError",
+    "RewardInfo",
+    "RewardScores",
+    "RewardSpec",
+    "get_reward",
+    "list_rewards",
+    "reward",
+    "score",
+]
