@@ -27,7 +27,11 @@ from .tokenizer import ChatTokenizer
 
 
 class AudioLM(Protocol):
-    """What a model provides to `Policy`."""
+    """What a model provides to `Policy`.
+
+    For `enable_lora` and `freeze_encoder` it also has the submodules `lm` (the decoder
+    LoRA wraps) and `encoder` (the audio encoder).
+    """
 
     def encode_audio(self, waveforms: list) -> list[torch.Tensor]: ...
 
@@ -115,10 +119,11 @@ class Policy:
         self.lora = False
 
     # -- inputs --------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[Prompt]) -> PromptBatch:
+    def encode_prompts(self, prompts: list[Prompt], train_encoder: bool = False) -> PromptBatch:
+        """Render prompts to ids and encode their audio (with gradients only if `train_encoder`)."""
         clips = [a.waveform for p in prompts for a in p.audio]
-        encoded = self.model.encode_audio(clips) if clips else []
+        with torch.set_grad_enabled(train_encoder):
+            encoded = self.model.encode_audio(clips) if clips else []
         per_prompt, ids, k = [], [], 0
         for p in prompts:
             n = len(p.audio)
@@ -193,9 +198,14 @@ class Policy:
     # -- training forward ----------------------------------------------------------------
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         """Logits that predict each response token: [B, R, V]."""
-        embeds = self.model.input_embeddings(batch.input_ids, batch.encoded)
-        logits, _ = self.model.decode(embeds, batch.attention_mask, _positions(batch.attention_mask))
         P = batch.prompt_len
+        # Audio goes into the prompt's placeholders only: a response may contain the
+        # placeholder token too (sampling can pick it), and generation embedded it as a token.
+        embeds = torch.cat([
+            self.model.input_embeddings(batch.input_ids[:, :P], batch.encoded),
+            self.model.input_embeddings(batch.input_ids[:, P:], None),
+        ], dim=1)
+        logits, _ = self.model.decode(embeds, batch.attention_mask, _positions(batch.attention_mask))
         return logits[:, P - 1 : -1]
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:

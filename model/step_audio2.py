@@ -49,7 +49,7 @@ class StepAudio2Config:
 
 
 def tiny_config(vocab_size: int, audio_patch_id: int, max_audio_seconds: float = 4.0) -> StepAudio2Config:
-    """The embedded default: about 2.4M parameters, trainable on 2 CPU cores."""
+    """The embedded default: 2.53M parameters, trainable on 2 CPU cores."""
     return StepAudio2Config(
         text=dict(
             vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -65,12 +65,21 @@ def tiny_config(vocab_size: int, audio_patch_id: int, max_audio_seconds: float =
     )
 
 
-def adaptor_frames(n_samples: int) -> int:
-    """How many 12.5 Hz adaptor frames (= <audio_patch> placeholders) a clip yields."""
+def encoder_frames(n_samples: int) -> int:
+    """How many valid 25 Hz encoder frames a clip of `n_samples` (16 kHz) yields."""
     f = mel_frames(n_samples)
     f = (f - 1) // 2 + 1  # encoder conv, stride 2: 50 Hz
-    f = max(1, f // 2)  # average pooling: 25 Hz
-    return (f - 1) // 2 + 1  # adaptor conv, stride 2: 12.5 Hz
+    return max(1, f // 2)  # average pooling: 25 Hz
+
+
+def adaptor_frames(n_samples: int) -> int:
+    """How many 12.5 Hz adaptor frames (= <audio_patch> placeholders) a clip yields."""
+    return (encoder_frames(n_samples) - 1) // 2 + 1  # adaptor conv, stride 2
+
+
+# Clips are padded to a multiple of this many mel frames (0.32 s) and encoded with clips
+# of the same padded length only, so a clip's encoding never depends on its batch.
+PAD_BUCKET = 32
 
 
 class Adaptor(nn.Module):
@@ -104,18 +113,23 @@ class StepAudio2Model(nn.Module):
                 f"takes at most {self.config.max_audio_seconds:.2f} s per clip: cut the clip or raise "
                 "encoder.max_source_positions"
             )
-        # Pad to the longest clip of the batch, not to the encoder's full window: the
-        # encoder's own forward insists on the full window, so run its parts directly.
-        longest = max(mel_frames(len(w)) for w in waveforms)
-        n_frames = min(n_frames, -(-longest // 4) * 4)
+        # The encoder's own forward insists on its full window; run its parts on each
+        # clip's bucket length instead (see PAD_BUCKET).
         enc = self.encoder
-        mel = log_mel(waveforms, self.config.encoder["num_mel_bins"], n_frames).to(enc.conv1.weight)
-        x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).transpose(1, 2)
-        x = x + enc.embed_positions.weight[: x.shape[1]]
-        for layer in enc.layers:
-            x = layer(x, None)
-        x = enc.layer_norm(enc.avg_pooler(x.transpose(1, 2)).transpose(1, 2))
-        return [x[i, : 2 * adaptor_frames(len(w))] for i, w in enumerate(waveforms)]
+        buckets: dict[int, list[int]] = {}
+        for i, w in enumerate(waveforms):
+            buckets.setdefault(min(n_frames, -(-mel_frames(len(w)) // PAD_BUCKET) * PAD_BUCKET), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(waveforms)
+        for length, rows in buckets.items():
+            mel = log_mel([waveforms[i] for i in rows], self.config.encoder["num_mel_bins"], length).to(enc.conv1.weight)
+            x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).transpose(1, 2)
+            x = x + enc.embed_positions.weight[: x.shape[1]]
+            for layer in enc.layers:
+                x = layer(x, None)
+            x = enc.layer_norm(enc.avg_pooler(x.transpose(1, 2)).transpose(1, 2))
+            for k, i in enumerate(rows):
+                out[i] = x[k, : encoder_frames(len(waveforms[i]))]
+        return out
 
     def audio_placeholders(self, n_samples: int) -> int:
         return adaptor_frames(n_samples)
