@@ -172,6 +172,7 @@ def arithmetic(
     max_operand: int = 9,
     styled: bool = False,
     max_attributes: int = 1,
+    think: bool = False,
     voices: Sequence[str | Voice] = DEFAULT_VOICES,
     sample_rate: int = 16000,
     max_seconds: float = MAX_CLIP_SECONDS,
@@ -183,7 +184,8 @@ def arithmetic(
     digits in text and the number in words in speech. With `styled`, the question
     ends with a style request ("... answer slowly"); meta `style` is then
     {attribute: level} (1..max_attributes attributes, never "normal") and the target
-    speaks in that style. With the defaults every clip fits MAX_CLIP_SECONDS; larger
+    speaks in that style. With `think`, the target first reasons in <think>: it writes
+    out the question it heard ("three plus four"), then answers. With the defaults every clip fits MAX_CLIP_SECONDS; larger
     operands or several style requests make longer questions, and a clip over
     `max_seconds` is an error.
     """
@@ -215,7 +217,10 @@ def arithmetic(
                 messages=[Message("human", "")],
                 task="arithmetic",
                 meta=meta,
-                target=Response(text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**style)),
+                target=Response(
+                    text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**style),
+                    think=f"{number_to_words(a)} {op} {number_to_words(b)}" if think else None,
+                ),
             )
         )
     return _attach_audio(prompts, clips, sample_rate, max_seconds, seed)
