@@ -1,0 +1,66 @@
+"""The `vocalign` command: train a recipe, list rewards, list recipes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import Recipe
+    from .recipe import load_recipe, resolve_recipe_path
+    from .runner import train
+
+    path = resolve_recipe_path(args.recipe)
+    recipe = load_recipe(path, args.overrides, Recipe)
+    train(recipe, path.stem)
+    return 0
+
+
+def _rewards(_: argparse.Namespace) -> int:
+    from vocalign.rewards import list_rewards
+
+    for info in list_rewards():
+        params = ", ".join(f"{k}={v!r}" for k, v in info.params.items())
+        print(f"{info.name:<24} {info.doc}")
+        if params:
+            print(f"{'':<24} params: {params}")
+    return 0
+
+
+def _recipes(_: argparse.Namespace) -> int:
+    from .recipe import list_recipes
+
+    for name, description in list_recipes():
+        print(f"{name:<24} {description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vocalign",
+        description="RL post-training for speech language models (Step-Audio 2 style).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a recipe: vocalign train RECIPE [key=value ...]")
+    t.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (see `vocalign recipes`)")
+    t.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value, e.g. grpo.steps=20 logging.wandb=false")
+    t.set_defaults(fn=_train)
+    sub.add_parser("rewards", help="list the registered rewards with their parameters").set_defaults(fn=_rewards)
+    sub.add_parser("recipes", help="list the packaged recipes").set_defaults(fn=_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .recipe import RecipeError
+
+    try:
+        return args.fn(args)
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"vocalign: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The run loop: one readable driver from a recipe to a trained policy.
+
+    recipe -> run folder (config.yaml) -> policy -> data
+    -> SFT warm start (full weights)            [optional]
+    -> GRPO on the LoRA adapter (encoder frozen)
+    -> metrics.jsonl / W&B each step, checkpoints, summary.json, reward_curve.png
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vocalign.data.synthetic import make_task
+from vocalign.data.types import Prompt
+from vocalign.data.user_data import load_prompts
+from vocalign.model.loading import embedded_policy, load_policy
+from vocalign.model.policy import Policy, Sampling
+from vocalign.rewards import score
+from vocalign.rollouts.worker import RolloutWorker
+
+from .checkpoint import save_base, save_checkpoint
+from .config import Recipe, TaskSpec
+from .grpo import GRPOTrainer
+from .recipe import to_dict
+from .sft import SFTTrainer
+from .tracking import RunTracker
+
+GREEDY = Sampling(temperature=1e-4, top_p=1.0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_folder(recipe: Recipe, recipe_name: str) -> Path:
+    if recipe.run.output_dir:
+        return Path(recipe.run.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe.run.name or recipe_name}-{stamp}"
+
+
+def synthetic_prompts(tasks: list[TaskSpec], seed: int) -> list[Prompt]:
+    prompts: list[Prompt] = []
+    for k, task in enumerate(tasks):
+        prompts += make_task(task.name, task.n, seed + 7919 * k, **task.params)
+    return prompts
+
+
+def build_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt], list[Prompt], dict[str, int]]:
+    """SFT prompts, RL prompts and held-out evaluation prompts (different seeds: no overlap)."""
+    d, skipped = recipe.data, {}
+    sft = synthetic_prompts(d.sft_tasks, d.seed) if recipe.sft.steps > 0 else []
+    if d.sft_file and recipe.sft.steps > 0:
+        loaded = load_prompts(d.sft_file, on_bad_row=d.on_bad_row)
+        sft += loaded.prompts
+        skipped["sft_file"] = loaded.skipped
+    if d.train_file:
+        loaded = load_prompts(d.train_file, on_bad_row=d.on_bad_row)
+        rl, skipped["train_file"] = loaded.prompts, loaded.skipped
+        if len(rl) <= d.eval_prompts:
+            raise ValueError(f"data.train_file {d.train_file} has {len(rl)} usable rows; it needs more than data.eval_prompts={d.eval_prompts}")
+        rl, held_out = rl[d.eval_prompts :], rl[: d.eval_prompts]
+    else:
+        rl = synthetic_prompts(d.rl_tasks, d.seed + 1)
+        held_out = synthetic_prompts([TaskSpec(t.name, d.eval_prompts, t.params) for t in d.rl_tasks[:1]], d.seed + 2)
+    if not rl:
+        raise ValueError("no RL prompts: set data.rl_tasks or data.train_file")
+    return sft, rl, held_out, skipped
+
+
+def evaluate(worker: RolloutWorker, prompts: list[Prompt], recipe: Recipe, batch_size: int = 64) -> dict[str, float]:
+    """Greedy responses to held-out prompts, scored by the recipe's rewards."""
+    sampling = Sampling(GREEDY.temperature, 1.0, recipe.grpo.max_new_tokens)
+    rollouts = []
+    for i in range(0, len(prompts), batch_size):
+        rollouts += worker.generate(prompts[i : i + batch_size], 1, sampling, seed=0)
+    return score(rollouts, recipe.rewards).metrics()
+
+
+def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
+    part = rows[int(lo * len(rows)) : max(int(lo * len(rows)) + 1, int(hi * len(rows)))]
+    return float(np.mean([r[key] for r in part]))
+
+
+def train(recipe: Recipe, recipe_name: str) -> Path:
+    """Run a recipe end to end; returns the run folder."""
+    seed_everything(recipe.run.seed)
+    run_dir = run_folder(recipe, recipe_name)
+    started = time.perf_counter()
+    with RunTracker(run_dir, to_dict(recipe), recipe.logging) as tracker:
+        say = tqdm.write
+        say(f"run folder: {run_dir}")
+        policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
+        n_params = sum(p.numel() for p in policy.model.parameters())
+        say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters")
+        t = time.perf_counter()
+        sft_prompts, rl_prompts, held_out, skipped = build_data(recipe)
+        say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out ({time.perf_counter() - t:.1f} s)")
+        worker = RolloutWorker(policy, render_speech=recipe.rollouts.render_speech)
+        summary: dict = {"parameters": n_params, "skipped_rows": skipped}
+        step = 0
+
+        # -- stage 1: supervised warm start ------------------------------------------
+        if recipe.sft.steps > 0:
+            cfg = recipe.sft
+            sft = SFTTrainer(policy, sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, recipe.run.seed)
+            bar = tqdm(range(cfg.steps), desc="sft", disable=not recipe.run.progress, dynamic_ncols=True)
+            for i in bar:
+                t = time.perf_counter()
+                metrics = sft.step(i)
+                step += 1
+                tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            summary["sft"] = evaluate(worker, held_out, recipe)
+            say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
+            save_checkpoint(policy, run_dir, step, {"stage": "sft"}, recipe.run.keep_last)
+
+        # -- stage 2: GRPO on the LoRA adapter ---------------------------------------
+        cfg = recipe.grpo
+        if cfg.steps > 0:
+            save_base(policy, run_dir)
+            if cfg.lora.enabled:
+                policy.enable_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+            policy.freeze_encoder()
+            grpo = GRPOTrainer(policy, worker, recipe.rewards, cfg, recipe.run.seed)
+            order = np.random.default_rng(recipe.run.seed).permutation(len(rl_prompts))
+            rows = []
+            bar = tqdm(range(cfg.steps), desc="grpo", disable=not recipe.run.progress, dynamic_ncols=True)
+            for i in bar:
+                picks = [order[(i * cfg.prompts_per_step + k) % len(order)] for k in range(cfg.prompts_per_step)]
+                t = time.perf_counter()
+                metrics, _ = grpo.step([rl_prompts[j] for j in picks], i)
+                step += 1
+                row = {"stage": "grpo", **metrics, "time/step_s": time.perf_counter() - t}
+                tracker.log(row, step=step)
+                rows.append(row)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
+                    state = {"stage": "grpo", "lora_config": asdict(cfg.lora) if policy.lora else None}
+                    if state["lora_config"]:
+                        state["lora_config"].pop("enabled")
+                    save_checkpoint(policy, run_dir, step, state, recipe.run.keep_last)
+            summary["grpo"] = {
+                "reward/mean first 10%": _mean_of(rows, "reward/mean", 0.0, 0.1),
+                "reward/mean last 10%": _mean_of(rows, "reward/mean", 0.9, 1.0),
+                "eval": evaluate(worker, held_out, recipe),
+            }
+            g = summary["grpo"]
+            say(
+                f"GRPO reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
+                f"{g['reward/mean last 10%']:.3f}; greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
+            )
+        summary["time_s"] = time.perf_counter() - started
+        tracker.summary(summary)
+    say(f"done in {summary['time_s']:.0f} s. Outputs in {run_dir}: config.yaml, metrics.jsonl, summary.json, reward_curve.png, checkpoints/")
+    return run_dir
