@@ -84,6 +84,12 @@ class _Engine:
     def _set_voice(self, voice: Voice) -> None:
         if voice.spec == self._voice:
             return
+        # espeak-ng silently falls back to the plain voice for an unknown variant
+        if voice.variant and not os.path.exists(os.path.join(self.data_path, "voices", "!v", voice.variant)):
+            raise ValueError(
+                f"espeak-ng voice {voice.spec!r} is not known: no variant {voice.variant!r}; "
+                "see `available_variants()` for the variants"
+            )
         if self.lib.espeak_SetVoiceByName(voice.spec.encode()) != 0:
             raise ValueError(
                 f"espeak-ng voice {voice.spec!r} is not known; see `available_variants()` "

@@ -13,6 +13,7 @@ at small scale is the embedded default; real checkpoints load into the same clas
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def adaptor_frames(n_samples: int) -> int:
 PAD_BUCKET = 32
 
 
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's sinusoidal position embeddings: [length, channels], sines then cosines."""
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 class Adaptor(nn.Module):
     """25 Hz encoder frames -> 12.5 Hz LM embeddings: Conv1d(k=3, s=2), then an MLP."""
 
@@ -101,6 +110,8 @@ class StepAudio2Model(nn.Module):
         self.encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(**config.encoder))
         self.lm = Qwen2ForCausalLM(Qwen2Config(**config.text))
         self.adaptor = Adaptor(config.encoder["d_model"], config.adaptor_hidden, config.text["hidden_size"])
+        with torch.no_grad():  # Whisper's fixed sinusoidal positions; transformers leaves them random here
+            self.encoder.embed_positions.weight.copy_(sinusoids(*self.encoder.embed_positions.weight.shape))
 
     # -- audio -------------------------------------------------------------------------
     def encode_audio(self, waveforms: list) -> list[torch.Tensor]:

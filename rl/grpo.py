@@ -81,7 +81,7 @@ class GRPOTrainer:
             entropy_proxy = -masked_mean(logprobs.detach(), mask)
         metrics = {
             **scores.metrics(),
-            "loss": float(loss), "kl": float(kl), "grad_norm": float(grad_norm),
+            "loss": loss.item(), "kl": kl.item(), "grad_norm": grad_norm.item(),
             "clip_frac": float(masked_mean(clipped.float(), mask)),
             "neg_logprob": float(entropy_proxy),
             "response/tokens": float(mask.sum(1).mean()),

@@ -49,4 +49,4 @@ class SFTTrainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.grad_clip)
         self.optimizer.step()
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"]}
