@@ -233,6 +233,14 @@ def score(rollouts: Sequence[Rollout], specs: Sequence[RewardSpec]) -> RewardSco
     return RewardScores(components=components, total=total, failed=failed)
 
 
+def check_rewards(specs: Sequence[RewardSpec]) -> None:
+    """Resolve every reward and check its params, without running any (fail before training)."""
+    if not specs:
+        raise ValueError("no rewards to score with; give at least one RewardSpec (a recipe's `rewards` list)")
+    for spec in specs:
+        _check_spec(spec, get_reward(spec.name))
+
+
 def _check_spec(spec: RewardSpec, fn: RewardFn) -> None:
     _check_on_error(spec)  # again: a recipe may hold its own spec class with these fields
     params = _params(fn)

@@ -10,6 +10,8 @@ def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale: b
 
     `rewards` is flat, grouped by prompt ([P * group_size]); the result has the same shape.
     """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group needs at least 2 samples to normalise within")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
@@ -34,9 +36,12 @@ def clipped_policy_loss(
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy."""
+    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy.
+
+    Written as expm1(d) - d: in float32, exp(d) - 1 cancels to 0 for small d.
+    """
     d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    return torch.expm1(d) - d
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,21 @@ import argparse
 import sys
 
 
+class UsageError(ValueError):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .config import Recipe
+    from .config import Recipe, check_recipe
     from .recipe import load_recipe, resolve_recipe_path
     from .runner import train
 
     path = resolve_recipe_path(args.recipe)
     recipe = load_recipe(path, args.overrides, Recipe)
+    try:
+        check_recipe(recipe)
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
     train(recipe, path.stem)
     return 0
 
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (RecipeError, FileNotFoundError) as e:
+    except (RecipeError, FileNotFoundError, UsageError) as e:
         print(f"vocalign: {e}", file=sys.stderr)
         return 2
 

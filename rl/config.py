@@ -106,3 +106,24 @@ class Recipe:
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Checks across keys that types alone cannot express; run before any work starts."""
+    from vocalign.rewards import check_rewards
+
+    problems = []
+    if recipe.grpo.group_size < 2:
+        problems.append(f"grpo.group_size={recipe.grpo.group_size}: GRPO normalises rewards within a group, use 2 or more")
+    for key in ("run.keep_last", "run.save_every", "grpo.prompts_per_step", "sft.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(recipe, section), name) < 1:
+            problems.append(f"{key}={getattr(getattr(recipe, section), name)} must be at least 1")
+    if recipe.grpo.steps > 0 and recipe.grpo.kl_coef > 0 and not recipe.grpo.lora.enabled:
+        problems.append(
+            "grpo.kl_coef > 0 needs grpo.lora.enabled=true for now: the reference model is the base "
+            "with the adapters disabled (a frozen full-weight reference is not built yet); set grpo.kl_coef=0"
+        )
+    if problems:
+        raise ValueError("recipe problems:\n  " + "\n  ".join(problems))
+    check_rewards(recipe.rewards)

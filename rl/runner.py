@@ -27,7 +27,7 @@ from vocalign.rewards import score
 from vocalign.rollouts.worker import RolloutWorker
 
 from .checkpoint import save_base, save_checkpoint
-from .config import Recipe, TaskSpec
+from .config import Recipe, TaskSpec, check_recipe
 from .grpo import GRPOTrainer
 from .recipe import to_dict
 from .sft import SFTTrainer
@@ -94,6 +94,7 @@ def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
 
 def train(recipe: Recipe, recipe_name: str) -> Path:
     """Run a recipe end to end; returns the run folder."""
+    check_recipe(recipe)
     seed_everything(recipe.run.seed)
     run_dir = run_folder(recipe, recipe_name)
     started = time.perf_counter()

@@ -248,16 +248,17 @@ def test_a_checkpoint_without_chat_tokens_gets_them_and_round_trips(prompts: lis
 
     # Under LoRA, saving merges the adapters: the checkpoint speaks like the adapted policy.
     policy.enable_lora(r=4)
+    draw = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in policy.model.named_parameters():
             if "lora_B" in n:
-                p.normal_(std=0.5)
+                p.copy_(torch.randn(p.shape, generator=draw) * 0.5)
     merged = tmp_path / "merged"
     save_policy(policy, merged)
     assert "lora" not in json.dumps(sorted(Qwen2AudioLM.from_pretrained(merged)[0].state_dict()))
     with torch.no_grad():
         assert torch.allclose(
-            load_qwen2_audio_policy(merged).response_logits(seq), policy.response_logits(seq), atol=1e-5
+            load_qwen2_audio_policy(merged).response_logits(seq), policy.response_logits(seq), atol=1e-4
         )
 
 

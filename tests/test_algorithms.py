@@ -1,0 +1,139 @@
+"""The policy-optimisation math (`vocalign.rl.algorithms`) against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vocalign.rl.algorithms import clipped_policy_loss, group_normalized_advantages, kl_k3, masked_mean
+
+# --- group-normalised advantages -------------------------------------------------------
+
+
+def test_advantages_subtract_the_group_mean_without_scaling() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: mean 0.5; group 2: every reward equals the mean
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_normalized_advantages(rewards, 4, scale=False), expected)
+
+
+def test_advantages_divide_by_the_group_std() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: deviations +-0.5, sample std sqrt((4 * 0.25) / 3) = 1/sqrt(3), so +-sqrt(3)/2.
+    # group 2: no spread; eps keeps 0 / 0 from becoming NaN, and the advantages stay 0.
+    half_root3 = math.sqrt(3) / 2
+    expected = torch.tensor([half_root3, -half_root3, -half_root3, half_root3, 0.0, 0.0, 0.0, 0.0])
+    advantages = group_normalized_advantages(rewards, 4, scale=True)
+    torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-5)
+    assert advantages.shape == rewards.shape
+
+
+def test_advantages_of_an_uneven_group() -> None:
+    # mean 0.75, deviations (-0.75, -0.75, -0.75, 2.25), sample variance 6.75 / 3 = 2.25, std 1.5
+    rewards = torch.tensor([0.0, 0.0, 0.0, 3.0, 2.0, 4.0, 2.0, 4.0])
+    # second group: mean 3, deviations +-1, sample std sqrt(4 / 3)
+    g2 = 1 / math.sqrt(4 / 3)
+    expected = torch.tensor([-0.5, -0.5, -0.5, 1.5, -g2, g2, -g2, g2])
+    torch.testing.assert_close(group_normalized_advantages(rewards, 4), expected, rtol=0, atol=1e-5)
+
+
+def test_advantages_need_whole_groups() -> None:
+    with pytest.raises(ValueError, match="7 rewards do not split into groups of 4"):
+        group_normalized_advantages(torch.zeros(7), 4)
+
+
+# --- the clipped policy loss -----------------------------------------------------------
+
+CLIP = 0.2
+
+
+def test_clipped_loss_values_and_flags() -> None:
+    ratios = torch.tensor([[1.0, 1.1, 1.5, 0.5], [1.0, 0.9, 1.5, 0.5]])
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.5, -0.25, -2.0, -1.0]])
+    logprobs = (old + ratios.log()).requires_grad_()
+    advantages = torch.tensor([1.0, -2.0])
+
+    loss, clipped = clipped_policy_loss(logprobs, old, advantages, CLIP)
+
+    # loss = -min(r * A, clip(r, 0.8, 1.2) * A), token by token:
+    #  A = +1: r 1.0 -> -1;  1.1 -> -1.1 (inside);  1.5 -> -1.2 (clipped);  0.5 -> -0.5 (min keeps r A)
+    #  A = -2: r 1.0 ->  2;  0.9 ->  1.8 (inside);  1.5 ->  3 (min keeps r A);  0.5 -> 1.6 (clipped)
+    expected = torch.tensor([[-1.0, -1.1, -1.2, -0.5], [2.0, 1.8, 3.0, 1.6]])
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert clipped.tolist() == [[False, False, True, False], [False, False, False, True]]
+
+    # A clipped token passes no gradient; elsewhere d(-r A)/d logprob = -r A.
+    loss.sum().backward()
+    expected_grad = torch.tensor([[-1.0, -1.1, 0.0, -0.5], [2.0, 1.8, 3.0, 0.0]])
+    torch.testing.assert_close(logprobs.grad, expected_grad, rtol=0, atol=1e-6)
+
+
+def test_clipped_loss_at_ratio_one_is_minus_the_advantage() -> None:
+    logprobs = torch.tensor([[-0.7, -1.3, -2.0], [-0.1, -0.2, -0.3]])
+    loss, clipped = clipped_policy_loss(logprobs, logprobs.clone(), torch.tensor([0.5, -3.0]), CLIP)
+    torch.testing.assert_close(loss, torch.tensor([[-0.5] * 3, [3.0] * 3]))
+    assert not clipped.any()
+
+
+def test_clipped_loss_with_zero_advantage_is_zero() -> None:
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[0.5, 1.0, 2.0]]))
+    loss, clipped = clipped_policy_loss(logprobs, old, torch.zeros(1), CLIP)
+    assert torch.equal(loss.abs(), torch.zeros(1, 3))
+    assert not clipped.any()
+
+
+# --- k3 KL -------------------------------------------------------------------------------
+
+
+def test_k3_is_zero_where_policy_and_reference_agree() -> None:
+    logprobs = torch.tensor([[-0.1, -2.5, -7.0]])
+    assert torch.equal(kl_k3(logprobs, logprobs.clone()), torch.zeros(1, 3))
+
+
+def test_k3_hand_computed() -> None:
+    # d = ref - policy. policy 0.5, ref 0.25: d = -ln 2, k3 = 0.5 + ln 2 - 1 = 0.193147
+    #                   policy 0.25, ref 0.5: d = ln 2,  k3 = 2 - ln 2 - 1   = 0.306853
+    logprobs = torch.log(torch.tensor([0.5, 0.25]))
+    ref = torch.log(torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(kl_k3(logprobs, ref), torch.tensor([0.5 + math.log(2) - 1, 1 - math.log(2)]))
+
+
+def test_k3_is_accurate_for_small_differences() -> None:
+    # k3 = d**2 / 2 + O(d**3): a policy a little away from its reference has a small, nonzero KL
+    d = torch.tensor([1e-4, -1e-4, 1e-3])
+    torch.testing.assert_close(kl_k3(torch.zeros(3), d), d**2 / 2, rtol=1e-3, atol=0)
+
+
+def test_k3_averaged_over_the_policy_is_the_exact_kl() -> None:
+    # policy (0.5, 0.5), reference (0.25, 0.75):
+    # KL(policy || ref) = 0.5 ln(0.5 / 0.25) + 0.5 ln(0.5 / 0.75) = 0.143841
+    policy = torch.tensor([0.5, 0.5])
+    ref = torch.tensor([0.25, 0.75])
+    expected_kl = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    per_token = kl_k3(policy.log(), ref.log())
+    assert (per_token >= 0).all()
+    assert float((policy * per_token).sum()) == pytest.approx(expected_kl, abs=1e-6)
+    assert expected_kl == pytest.approx(0.143841, abs=1e-6)
+
+
+# --- masked mean ---------------------------------------------------------------------------
+
+
+def test_masked_mean_averages_only_the_masked_tokens() -> None:
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # token mean: (1 + 2 + 4) / 3, not the mean of the row means (1.5 + 4) / 2
+    assert masked_mean(values, mask).item() == pytest.approx(7 / 3)
+
+
+def test_masked_mean_ignores_what_is_under_the_mask() -> None:
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    with_padding = torch.tensor([[2.0, 1000.0], [4.0, -1000.0]])
+    assert masked_mean(with_padding, mask).item() == pytest.approx(3.0)
+
+
+def test_masked_mean_of_an_empty_mask_is_zero_not_nan() -> None:
+    assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
