@@ -72,6 +72,7 @@ class GRPOConfig:
     lr: float = 1e-3
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    minibatches: int = 1  # optimiser steps per rollout batch (the batch split into this many parts)
     clip_eps: float = 0.2  # PPO clip range of the importance ratio
     kl_coef: float = 0.0  # weight of the k3 KL to the reference in the loss; 0 loads no reference
     scale_rewards: bool = True  # divide group advantages by the group's reward std
@@ -115,7 +116,7 @@ def check_recipe(recipe: Recipe) -> None:
     problems = []
     if recipe.grpo.group_size < 2:
         problems.append(f"grpo.group_size={recipe.grpo.group_size}: GRPO normalises rewards within a group, use 2 or more")
-    for key in ("run.keep_last", "run.save_every", "grpo.prompts_per_step", "sft.batch_size"):
+    for key in ("run.keep_last", "run.save_every", "grpo.prompts_per_step", "grpo.minibatches", "sft.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(recipe, section), name) < 1:
             problems.append(f"{key}={getattr(getattr(recipe, section), name)} must be at least 1")

@@ -46,30 +46,44 @@ class GRPOTrainer:
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         advantages = group_normalized_advantages(rewards, G, scale=cfg.scale_rewards)
         t2 = time.perf_counter()
-        # 3. policy update on the tokens the policy produced
+        # 3. policy update on the tokens the policy produced, in `minibatches` optimiser
+        #    steps; after the first, the clipped ratio keeps the update near the sampler
         encoded = self._encoded_audio([r.prompt for r in rollouts])
-        batch = self.policy.sequences([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], encoded)
-        old = torch.zeros_like(batch.response_mask)
-        for i, r in enumerate(rollouts):
-            old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
-        self.policy.model.train()
-        logprobs = self.policy.logprobs(batch, cfg.temperature)
-        token_loss, clipped = clipped_policy_loss(logprobs, old, advantages.to(logprobs.device), cfg.clip_eps)
-        mask = batch.response_mask
-        kl = torch.tensor(float("nan"))
-        if cfg.kl_coef > 0:
-            with torch.no_grad(), self.policy.reference():
-                ref = self.policy.logprobs(batch, cfg.temperature)
-            token_kl = kl_k3(logprobs, ref)
-            token_loss = token_loss + cfg.kl_coef * token_kl
-            kl = masked_mean(token_kl.detach(), mask)
-        loss = masked_mean(token_loss, mask)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.policy.model.train()
+        stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "clip_frac": [], "neg_logprob": [], "tokens": []}
+        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step)).tolist()
+        size = -(-len(rollouts) // cfg.minibatches)
+        for start in range(0, len(rollouts), size):
+            rows = order[start : start + size]
+            batch = self.policy.sequences(
+                [rollouts[i].prompt_ids for i in rows], [rollouts[i].response_ids for i in rows], [encoded[i] for i in rows]
+            )
+            old = torch.zeros_like(batch.response_mask)
+            for k, i in enumerate(rows):
+                old[k, : len(rollouts[i].logprobs)] = torch.tensor(rollouts[i].logprobs)
+            logprobs = self.policy.logprobs(batch, cfg.temperature)
+            token_loss, clipped = clipped_policy_loss(logprobs, old, advantages[rows].to(logprobs.device), cfg.clip_eps)
+            mask = batch.response_mask
+            kl = torch.tensor(float("nan"))
+            if cfg.kl_coef > 0:
+                with torch.no_grad(), self.policy.reference():
+                    ref = self.policy.logprobs(batch, cfg.temperature)
+                token_kl = kl_k3(logprobs, ref)
+                token_loss = token_loss + cfg.kl_coef * token_kl
+                kl = masked_mean(token_kl.detach(), mask)
+            loss = masked_mean(token_loss, mask)
+            self.optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            stats["loss"].append(loss.item())
+            stats["kl"].append(kl.item())
+            stats["grad_norm"].append(grad_norm.item())
+            stats["clip_frac"].append(masked_mean(clipped.float(), mask).item())
+            stats["neg_logprob"].append(-masked_mean(logprobs.detach(), mask).item())
+            stats["tokens"].extend(mask.sum(1).tolist())
         t3 = time.perf_counter()
         # 4. weight sync: an in-process worker shares the trainer's policy, so only the version moves
         self.version += 1
@@ -77,14 +91,10 @@ class GRPOTrainer:
             self.worker.version = self.version
         else:
             self.worker.load_weights(self.policy.trainable_state(), self.version)
-        with torch.no_grad():
-            entropy_proxy = -masked_mean(logprobs.detach(), mask)
         metrics = {
             **scores.metrics(),
-            "loss": loss.item(), "kl": kl.item(), "grad_norm": grad_norm.item(),
-            "clip_frac": float(masked_mean(clipped.float(), mask)),
-            "neg_logprob": float(entropy_proxy),
-            "response/tokens": float(mask.sum(1).mean()),
+            **{k: sum(v) / len(v) for k, v in stats.items() if k != "tokens"},
+            "response/tokens": sum(stats["tokens"]) / len(stats["tokens"]),
             "response/finished": sum(r.finished for r in rollouts) / len(rollouts),
             "response/speech_s": sum(r.speech_seconds for r in rollouts) / len(rollouts),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
