@@ -280,3 +280,19 @@ def test_grpo_loss_is_a_mean_over_response_tokens() -> None:
 
     changed = {name for name, p in policy.model.named_parameters() if not torch.equal(before[name], p)}
     assert changed and all("lora_" in name for name in changed), sorted(changed)[:5]
+
+
+def test_grpo_minibatches_take_one_optimiser_step_each() -> None:
+    """grpo.minibatches=2 splits the rollout batch in two and steps the optimiser twice;
+    the second part is then scored off-policy, and the clipped ratio bounds it."""
+    policy = embedded_policy(0)
+    policy.enable_lora(r=4, alpha=8)
+    policy.freeze_encoder()
+    config = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=16, kl_coef=0.0, minibatches=2)
+    trainer = GRPOTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, seed=6)
+    metrics, rollouts = trainer.step(make_task("arithmetic", 4, seed=5), step=0)
+    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {2}
+    assert len(rollouts) == 16 and metrics["response/tokens"] == pytest.approx(
+        sum(len(r.response_ids) for r in rollouts) / 16
+    )
