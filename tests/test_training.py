@@ -39,6 +39,7 @@ TINY_RUN = [
     "data.sft_tasks[0].n=32", "data.rl_tasks[0].n=32", "data.eval_prompts=8",
     "sft.batch_size=16", "sft.lr=1e-3", "sft.warmup_steps=50",
     "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=16", "grpo.kl_coef=0.02",
+    "grpo.minibatches=1", "grpo.temperature=1.0",
     "grpo.lora.r=16", "grpo.lora.alpha=32", "rewards=[{name: correctness, weight: 1.0}]",
     "run.save_every=2", "run.keep_last=2", "run.progress=false",
 ]
