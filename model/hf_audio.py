@@ -40,7 +40,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from . import chat
 from .detokenizer import build_detokenizer
 from .features import HOP, N_FFT, SAMPLE_RATE, log_mel
-from .policy import Policy
+from .policy import Policy, place_audio
 from .tokenizer import ChatTokenizer
 
 # New chat tokens that start from the embedding of a Qwen2-Audio token with the same role.
@@ -124,15 +124,8 @@ class Qwen2AudioLM(nn.Module):
         """Token embeddings, with each clip's projected frames in its placeholder slots (row order)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         if encoded:
-            frames = self.adaptor(torch.cat(encoded)).to(embeds.dtype)
-            slots = input_ids == self.audio_token_id
-            if int(slots.sum()) != frames.shape[0]:
-                raise ValueError(
-                    f"prompt has {int(slots.sum())} audio placeholders (token id {self.audio_token_id}) but its audio "
-                    f"gives {frames.shape[0]} frames; config.audio_token_id must be the tokenizer's "
-                    f"{chat.AUDIO_PATCH} id (add_chat_tokens sets it)"
-                )
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), frames)
+            fix = f"config.audio_token_id must be the tokenizer's {chat.AUDIO_PATCH} id (add_chat_tokens sets it)"
+            embeds = place_audio(embeds, input_ids, self.audio_token_id, self.adaptor(torch.cat(encoded)), fix)
         return embeds
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):

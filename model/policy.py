@@ -88,6 +88,17 @@ class SequenceBatch:
     encoded: list[torch.Tensor]  # encoder frames of every clip, in row order
 
 
+def place_audio(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, frames: torch.Tensor, fix: str) -> torch.Tensor:
+    """Put audio frames ([N, hidden], in row order) into the N placeholder slots of `input_ids`."""
+    slots = input_ids == placeholder_id
+    if int(slots.sum()) != frames.shape[0]:
+        raise ValueError(
+            f"prompt has {int(slots.sum())} audio placeholders (token id {placeholder_id}) but its audio "
+            f"gives {frames.shape[0]} frames; {fix}"
+        )
+    return embeds.masked_scatter(slots.unsqueeze(-1), frames.to(embeds.dtype))
+
+
 def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{prompt_id}/{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

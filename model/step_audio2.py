@@ -26,6 +26,7 @@ from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2Audio
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from .features import SAMPLE_RATE, log_mel, mel_frames
+from .policy import place_audio
 
 CONFIG_NAME = "vocalign_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -150,14 +151,9 @@ class StepAudio2Model(nn.Module):
         """Token embeddings, with each clip's adaptor frames in its <audio_patch> slots (row order)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         if encoded:
-            frames = torch.cat([self.adaptor(e.unsqueeze(0))[0] for e in encoded]).to(embeds.dtype)
-            slots = input_ids == self.config.audio_patch_id
-            if int(slots.sum()) != frames.shape[0]:
-                raise ValueError(
-                    f"prompt has {int(slots.sum())} <audio_patch> placeholders but its audio gives "
-                    f"{frames.shape[0]} frames; render prompts with the policy's tokenizer"
-                )
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), frames)
+            frames = torch.cat([self.adaptor(e.unsqueeze(0))[0] for e in encoded])
+            fix = "render prompts with the policy's tokenizer"
+            embeds = place_audio(embeds, input_ids, self.config.audio_patch_id, frames, fix)
         return embeds
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
