@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vocalign.data.types import Message, Response, SpeechStyle
+from vocalign.data.types import Message, Response
 
 from . import chat
 from .chat import ParsedResponse
@@ -167,12 +167,3 @@ class ChatTokenizer:
             audio_ids=audio, tool_calls=[dec(t) for t in tools], finished=finished,
         )
 
-
-def style_of(units: Sequence[str]) -> SpeechStyle:
-    """The speech style named by the prosody units in `units` (last one of each kind wins)."""
-    levels = {}
-    for u in units:
-        m = re.fullmatch(r"<(rate|pitch|volume)_(\w+)>", u)
-        if m:
-            levels[m.group(1)] = m.group(2)
-    return SpeechStyle(**levels)

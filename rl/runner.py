@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from .recipe import to_dict
 from .sft import SFTTrainer
 from .tracking import RunTracker
 
-GREEDY = Sampling(temperature=1e-4, top_p=1.0)
+GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 
 def seed_everything(seed: int) -> None:
@@ -80,7 +79,7 @@ def build_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt], list[Prompt]
 
 def evaluate(worker: RolloutWorker, prompts: list[Prompt], recipe: Recipe, batch_size: int = 64) -> dict[str, float]:
     """Greedy responses to held-out prompts, scored by the recipe's rewards."""
-    sampling = Sampling(GREEDY.temperature, 1.0, recipe.grpo.max_new_tokens)
+    sampling = Sampling(GREEDY_TEMPERATURE, 1.0, recipe.grpo.max_new_tokens)
     rollouts = []
     for i in range(0, len(prompts), batch_size):
         rollouts += worker.generate(prompts[i : i + batch_size], 1, sampling, seed=0)
@@ -129,9 +128,10 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         # -- stage 2: GRPO on the LoRA adapter ---------------------------------------
         cfg = recipe.grpo
         if cfg.steps > 0:
-            save_base(policy, run_dir)
-            if cfg.lora.enabled:
-                policy.enable_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+            lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
+            if lora:
+                save_base(policy, run_dir)  # adapter checkpoints refer to it
+                policy.enable_lora(**lora)
             policy.freeze_encoder()
             grpo = GRPOTrainer(policy, worker, recipe.rewards, cfg, recipe.run.seed)
             order = np.random.default_rng(recipe.run.seed).permutation(len(rl_prompts))
@@ -147,10 +147,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 rows.append(row)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
                 if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
-                    state = {"stage": "grpo", "lora_config": asdict(cfg.lora) if policy.lora else None}
-                    if state["lora_config"]:
-                        state["lora_config"].pop("enabled")
-                    save_checkpoint(policy, run_dir, step, state, recipe.run.keep_last)
+                    save_checkpoint(policy, run_dir, step, {"stage": "grpo", "lora_config": lora}, recipe.run.keep_last)
             summary["grpo"] = {
                 "reward/mean first 10%": _mean_of(rows, "reward/mean", 0.0, 0.1),
                 "reward/mean last 10%": _mean_of(rows, "reward/mean", 0.9, 1.0),
