@@ -111,6 +111,8 @@ class Rollout:
     group: int = 0  # index of the prompt in its batch; samples of one prompt share it
     finished: bool = True  # False when max_new_tokens cut the response
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # the whole response as the model wrote it, tags included ("<think>...</think>7<tts_start>...<|EOT|>")
+    raw_text: str = ""
 
     @property
     def meta(self) -> dict[str, Any]:

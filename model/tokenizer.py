@@ -128,6 +128,10 @@ class ChatTokenizer:
         return ids + [self.eot_id]
 
     # -- parsing ---------------------------------------------------------------------
+    def decode_raw(self, ids: Sequence[int]) -> str:
+        """The response as text with every tag kept (<think>, <tts_start>, <audio_k>, <|EOT|>, ...)."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
     def parse_response(self, ids: Sequence[int]) -> ParsedResponse:
         """Split generated ids into think / text / spoken text / audio units / tool calls."""
         ids = list(ids)
