@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -171,11 +171,19 @@ class RewardSpec:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     on_error: str = "raise"
+    # 0: score in this process. N >= 1: score in N Ray actors (replicas) that keep the
+    # reward's models loaded; the batch is split between them (see vocalign.rewards.workers)
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _check_on_error(self)
         if not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
             raise ValueError(f"reward {self.name!r}: weight={self.weight!r} must be a finite number")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(
+                f"reward {self.name!r}: workers={self.workers!r} must be 0 (score in-process) or the "
+                "number of Ray actors to score in"
+            )
 
 
 @dataclass
@@ -208,8 +216,14 @@ class RewardScores:
         return out
 
 
-def score(rollouts: Sequence[Rollout], specs: Sequence[RewardSpec]) -> RewardScores:
-    """Score `rollouts` with every reward of `specs`; see RewardScores for how they combine."""
+def score(rollouts: Sequence[Rollout], specs: Sequence[RewardSpec], workers: RemoteScorer | None = None) -> RewardScores:
+    """Score `rollouts` with every reward of `specs`; see RewardScores for how they combine.
+
+    Each reward is called once on the whole batch. Rewards with `workers > 0` are sent to
+    `workers` (a `vocalign.rewards.workers.RewardWorkers`) first, so they run while the
+    others run here; the `async` rewards here run concurrently with each other, after the
+    plain ones.
+    """
     if not specs:
         raise ValueError("no rewards to score with; give at least one RewardSpec (a recipe's `rewards` list)")
     rollouts = list(rollouts)
@@ -217,20 +231,51 @@ def score(rollouts: Sequence[Rollout], specs: Sequence[RewardSpec]) -> RewardSco
     functions = [get_reward(spec.name) for spec in specs]
     for spec, fn in zip(specs, functions):
         _check_spec(spec, fn)
+    remote = [k for k, spec in enumerate(specs) if spec.workers > 0]
+    if remote and workers is None:
+        raise ValueError(
+            f"reward {specs[remote[0]].name!r} asks for workers={specs[remote[0]].workers} but no reward workers "
+            "were given; pass score(..., workers=RewardWorkers()) or set its workers to 0"
+        )
+    pending = {k: workers.submit(specs[k], rollouts) for k in remote} if remote else {}
+    results: dict[int, tuple[list[float | None], int]] = {}
+    coroutines = {}
+    for k, (spec, fn) in enumerate(zip(specs, functions)):
+        if k in pending:
+            continue
+        if inspect.iscoroutinefunction(fn):
+            coroutines[k] = _run_async(spec, fn, rollouts)
+        else:
+            results[k] = _run(spec, fn, rollouts)
+    if coroutines:
+        results.update(zip(coroutines, _run_coroutines(list(coroutines.values()))))
+    for k, handle in pending.items():
+        results[k] = workers.result(handle)
+    return _combine(specs, [results[k] for k in range(len(specs))], len(rollouts))
+
+
+def _combine(specs: Sequence[RewardSpec], results: list[tuple[list[float | None], int]], n: int) -> RewardScores:
     counts = Counter(spec.name for spec in specs)
     seen: Counter[str] = Counter()
     components: dict[str, list[float | None]] = {}
     failed: dict[str, int] = {}
-    total = [0.0] * len(rollouts)
-    for spec, fn in zip(specs, functions):
+    total = [0.0] * n
+    for spec, (scores, failures) in zip(specs, results):
         seen[spec.name] += 1
         key = spec.name if counts[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}"
-        scores, failures = _run(spec, fn, rollouts)
         components[key], failed[key] = scores, failures
         for i, value in enumerate(scores):
             if value is not None:
                 total[i] += spec.weight * value
     return RewardScores(components=components, total=total, failed=failed)
+
+
+class RemoteScorer(Protocol):
+    """Where `score` sends the rewards that run elsewhere (see vocalign.rewards.workers)."""
+
+    def submit(self, spec: RewardSpec, rollouts: list[Rollout]) -> Any: ...
+
+    def result(self, handle: Any) -> tuple[list[float | None], int]: ...
 
 
 def check_rewards(specs: Sequence[RewardSpec]) -> None:
@@ -278,42 +323,86 @@ def _run(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[
     except RewardError:
         raise
     except Exception as batch_error:
-        scores: list[float | None] = []
-        failures = 0
+        outcomes = []
         for rollout in rollouts:
             try:
-                scores += _checked(spec, _call(fn, [rollout], spec.params), 1)
+                outcomes.append(_checked(spec, _call(fn, [rollout], spec.params), 1)[0])
             except RewardError:
                 raise
             except Exception as error:
+                outcomes.append(error)
                 if spec.on_error == "raise":
-                    raise RewardError(
-                        f"reward {spec.name!r} failed on prompt {rollout.prompt.id!r}: "
-                        f"{type(error).__name__}: {error}; fix the reward, or set on_error to 'zero' or "
-                        "'skip' to score failing samples 0.0 or None"
-                    ) from error
-                failures += 1
-                scores.append(0.0 if spec.on_error == "zero" else None)
+                    break  # the first failing sample is the one the error names
+        return _per_sample(spec, rollouts, outcomes, batch_error)
+
+
+async def _run_async(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[float | None], int]:
+    """`_run` for an `async` reward, awaited in the caller's event loop."""
+    try:
+        return _checked(spec, await fn(rollouts, **spec.params), len(rollouts)), 0
+    except RewardError:
+        raise
+    except Exception as batch_error:
+        outcomes = []
+        for rollout in rollouts:
+            try:
+                outcomes.append(_checked(spec, await fn([rollout], **spec.params), 1)[0])
+            except RewardError:
+                raise
+            except Exception as error:
+                outcomes.append(error)
+                if spec.on_error == "raise":
+                    break  # the first failing sample is the one the error names
+        return _per_sample(spec, rollouts, outcomes, batch_error)
+
+
+def _per_sample(
+    spec: RewardSpec, rollouts: list[Rollout], outcomes: list[float | None | Exception], batch_error: Exception
+) -> tuple[list[float | None], int]:
+    """Scores after the batch call failed and each sample was scored alone (`outcomes`)."""
+    scores: list[float | None] = []
+    failures = 0
+    for rollout, outcome in zip(rollouts, outcomes):
+        if not isinstance(outcome, Exception):
+            scores.append(outcome)
+            continue
         if spec.on_error == "raise":
-            ids = ", ".join(repr(r.prompt.id) for r in rollouts[:5]) + (", ..." if len(rollouts) > 5 else "")
             raise RewardError(
-                f"reward {spec.name!r} failed on the batch of {len(rollouts)} rollouts (prompts {ids}) but on "
-                f"none of them alone: {type(batch_error).__name__}: {batch_error}"
-            ) from batch_error
-        return scores, failures
+                f"reward {spec.name!r} failed on prompt {rollout.prompt.id!r}: "
+                f"{type(outcome).__name__}: {outcome}; fix the reward, or set on_error to 'zero' or "
+                "'skip' to score failing samples 0.0 or None"
+            ) from outcome
+        failures += 1
+        scores.append(0.0 if spec.on_error == "zero" else None)
+    if spec.on_error == "raise":
+        ids = ", ".join(repr(r.prompt.id) for r in rollouts[:5]) + (", ..." if len(rollouts) > 5 else "")
+        raise RewardError(
+            f"reward {spec.name!r} failed on the batch of {len(rollouts)} rollouts (prompts {ids}) but on "
+            f"none of them alone: {type(batch_error).__name__}: {batch_error}"
+        ) from batch_error
+    return scores, failures
 
 
 def _call(fn: RewardFn, rollouts: list[Rollout], params: dict[str, Any]) -> Any:
     result = fn(rollouts, **params)
     if not inspect.isawaitable(result):
         return result
+    return _run_coroutines([_awaited(result)])[0]
+
+
+def _run_coroutines(coroutines: list[Any]) -> list[Any]:
+    """Run coroutines concurrently to completion and return their results, in order."""
+
+    async def together() -> list[Any]:
+        return list(await asyncio.gather(*coroutines))
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_awaited(result))
-    # Called from inside a running event loop (a notebook, an async actor): run it on a fresh loop elsewhere.
+        return asyncio.run(together())
+    # Called from inside a running event loop (a notebook, an async actor): run them on a fresh loop elsewhere.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, _awaited(result)).result()
+        return pool.submit(asyncio.run, together()).result()
 
 
 async def _awaited(result: Any) -> Any:

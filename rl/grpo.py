@@ -14,6 +14,7 @@ import torch
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
 from vocalign.rewards import RewardSpec, score
+from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.worker import RolloutWorker
 
 from .algorithms import clipped_policy_loss, group_normalized_advantages, kl_k3, masked_mean
@@ -21,8 +22,12 @@ from .config import GRPOConfig
 
 
 class GRPOTrainer:
-    def __init__(self, policy: Policy, worker: RolloutWorker, rewards: list[RewardSpec], config: GRPOConfig, seed: int) -> None:
+    def __init__(
+        self, policy: Policy, worker: RolloutWorker, rewards: list[RewardSpec], config: GRPOConfig, seed: int,
+        reward_workers: RewardWorkers | None = None,
+    ) -> None:
         self.policy, self.worker, self.rewards, self.config, self.seed = policy, worker, rewards, config, seed
+        self.reward_workers = reward_workers
         self.sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, weight_decay=0.0)
         self._encoded: dict[str, list[torch.Tensor]] = {}  # the encoder is frozen: cache its frames per prompt
@@ -42,7 +47,7 @@ class GRPOTrainer:
         rollouts = self.worker.generate(prompts, G, self.sampling, seed=self.seed * 1_000_003 + step)
         t1 = time.perf_counter()
         # 2. rewards
-        scores = score(rollouts, self.rewards)
+        scores = score(rollouts, self.rewards, self.reward_workers)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         advantages = group_normalized_advantages(rewards, G, scale=cfg.scale_rewards)
         t2 = time.perf_counter()

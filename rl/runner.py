@@ -23,6 +23,7 @@ from vocalign.data.user_data import load_prompts
 from vocalign.model.loading import embedded_policy, load_policy
 from vocalign.model.policy import Policy, Sampling
 from vocalign.rewards import score
+from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.worker import RolloutWorker
 
 from .checkpoint import save_base, save_checkpoint
@@ -77,13 +78,16 @@ def build_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt], list[Prompt]
     return sft, rl, held_out, skipped
 
 
-def evaluate(worker: RolloutWorker, prompts: list[Prompt], recipe: Recipe, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    worker: RolloutWorker, prompts: list[Prompt], recipe: Recipe, reward_workers: RewardWorkers | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """Greedy responses to held-out prompts, scored by the recipe's rewards."""
     sampling = Sampling(GREEDY_TEMPERATURE, 1.0, recipe.grpo.max_new_tokens)
     rollouts = []
     for i in range(0, len(prompts), batch_size):
         rollouts += worker.generate(prompts[i : i + batch_size], 1, sampling, seed=0)
-    return score(rollouts, recipe.rewards).metrics()
+    return score(rollouts, recipe.rewards, reward_workers).metrics()
 
 
 def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
@@ -97,7 +101,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
     seed_everything(recipe.run.seed)
     run_dir = run_folder(recipe, recipe_name)
     started = time.perf_counter()
-    with RunTracker(run_dir, to_dict(recipe), recipe.logging) as tracker:
+    with RunTracker(run_dir, to_dict(recipe), recipe.logging) as tracker, RewardWorkers() as reward_workers:
         say = tqdm.write
         say(f"run folder: {run_dir}")
         policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
@@ -121,7 +125,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 step += 1
                 tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            summary["sft"] = evaluate(worker, held_out, recipe)
+            summary["sft"] = evaluate(worker, held_out, recipe, reward_workers)
             say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
             save_checkpoint(policy, run_dir, step, {"stage": "sft"}, recipe.run.keep_last)
 
@@ -133,7 +137,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 save_base(policy, run_dir)  # adapter checkpoints refer to it
                 policy.enable_lora(**lora)
             policy.freeze_encoder()
-            grpo = GRPOTrainer(policy, worker, recipe.rewards, cfg, recipe.run.seed)
+            grpo = GRPOTrainer(policy, worker, recipe.rewards, cfg, recipe.run.seed, reward_workers)
             order = np.random.default_rng(recipe.run.seed).permutation(len(rl_prompts))
             rows = []
             bar = tqdm(range(cfg.steps), desc="grpo", disable=not recipe.run.progress, dynamic_ncols=True)
@@ -151,7 +155,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
             summary["grpo"] = {
                 "reward/mean first 10%": _mean_of(rows, "reward/mean", 0.0, 0.1),
                 "reward/mean last 10%": _mean_of(rows, "reward/mean", 0.9, 1.0),
-                "eval": evaluate(worker, held_out, recipe),
+                "eval": evaluate(worker, held_out, recipe, reward_workers),
             }
             g = summary["grpo"]
             say(
