@@ -1,24 +1,29 @@
 """Answer correctness: does the answer in a response equal the reference answer?
 
 Where the answer is looked for, in order: inside the last `<answer>…</answer>`, else
-inside the last `\\boxed{…}`, else the whole response. What is looked for there depends
+inside the last `\\boxed{…}` (a `\\text{…}` around its whole content is dropped), else
+the whole response. What is looked for there depends
 on the reference:
-- a number (7, 2.5, "7", "seven"): the last number, in digits ("-3", "1,000", "2.50") or
-  in words ("twenty one", "twenty-one", "one hundred and five"); numbers are compared by
-  value, so "7", "7.0" and "seven" are the same answer;
+- a number (7, 2.5, "7", "seven", "1/2"): the last number, in digits ("-3", "1,000",
+  "2.50"), in words ("twenty one", "twenty-one", "one hundred and five", "minus three"
+  where "minus" does not follow a number) or as a fraction of integers ("1/2",
+  "\\frac{1}{2}"); numbers are compared by exact value, so "7", "7.0" and "seven" are the
+  same answer, and so are "0.5" and "\\frac{1}{2}";
 - with `choices` in meta (multiple choice): the option given as its letter ("B", "(B)",
-  "answer: B") or as its text (the last option mentioned); the reference may be either;
+  "answer: B", "the answer is b." where a lower-case letter ends the sentence) or as its text (the last option mentioned); the reference may be either;
 - anything else: the whole answer, compared after normalising case, punctuation and
   spaces ("The cat." equals "the cat").
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 import unicodedata
 from collections.abc import Sequence
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from vocalign.data.types import Rollout
@@ -38,8 +43,17 @@ _UNITS = {**_DIGITS, **_TEENS}
 _DIGIT_NUMBER = r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 # In running text a sign only counts when it does not follow a word ("9-2" holds 9 and 2).
 _DIGIT_NUMBER_IN_TEXT = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# A fraction of integers, "1/2" or LaTeX's "\frac{1}{2}" (also \dfrac, \tfrac); not part of a date like 1/2/2025.
+_FRACTION = r"[-+\u2212]?(?:\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}|(\d+)/(\d+))"
+_FRACTION_IN_TEXT = re.compile(r"(?<![\w./])" + _FRACTION + r"(?![\w/])")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_CHOICE_LETTER = re.compile(r"\(([A-Z])\)|(?i:\b(?:option|choice|answer(?:\s+is)?))\s*[:\-]?\s*\(?([A-Z])(?![A-Za-z])")
+_LATEX_TEXT = re.compile(r"\s*\\(?:text|textbf|mathrm|mbox)\{(.*)\}\s*", re.DOTALL)
+# A capital letter in parentheses or after "option"/"choice"/"answer (is)"; after those
+# words a lower-case letter counts only when it ends the sentence ("the answer is b."),
+# since "the answer is a fast one" uses the article "a".
+_CHOICE_LETTER = re.compile(
+    r"\(([A-Z])\)|(?i:\b(?:option|choice|answer(?:\s+is)?))\s*[:\-]?\s*\(?(?:([A-Z])(?![A-Za-z])|([a-z])\)?(?=\s*(?:[.!?]|$)))"
+)
 
 
 # --- numbers -------------------------------------------------------------------------
@@ -62,20 +76,35 @@ def words_to_number(text: str) -> int:
 
 
 def parse_number(text: str) -> int | float | None:
-    """The number `text` is as a whole, in digits ("7", "-2.5", "1,000") or in words
-    ("seven"); None when it is not one number. A trailing full stop is allowed."""
+    """The number `text` is as a whole, in digits ("7", "-2.5", "1,000"), in words
+    ("seven") or as a fraction ("1/2", "\\frac{1}{2}"); None when it is not one number.
+    A trailing full stop is allowed. Integers written without a decimal point or a
+    fraction bar are ints ("7" -> 7); the others floats ("7.0" -> 7.0, "4/2" -> 2.0)."""
     value = _number_value(text)
     if value is None:
         return None
-    return int(value) if value.as_tuple().exponent == 0 else float(value)  # "7" -> 7, "7.0" -> 7.0
+    written_as_integer = value.denominator == 1 and not re.search(r"[./]|frac", _strip_number(text))
+    return int(value) if written_as_integer else float(value)
 
 
-def _number_value(text: str) -> Decimal | None:
-    text = text.strip().rstrip(".!?").strip()
+def _strip_number(text: str) -> str:
+    return text.strip().rstrip(".!?").strip()
+
+
+def _number_value(text: str) -> Fraction | None:
+    """The exact value of `text` as one number (see parse_number), or None."""
+    text = _strip_number(text)
     if re.fullmatch(_DIGIT_NUMBER, text):
-        return Decimal(text.replace(",", "").replace("\u2212", "-"))
+        return Fraction(Decimal(text.replace(",", "").replace("\u2212", "-")))
+    fraction = re.fullmatch(_FRACTION, text)
+    if fraction:
+        numerator, denominator = (int(g) for g in fraction.groups() if g is not None)
+        if denominator == 0:
+            return None
+        sign = -1 if text[0] in "-\u2212" else 1
+        return sign * Fraction(numerator, denominator)
     words = _parse_number_words(_word_tokens(text))
-    return None if words is None else Decimal(words)
+    return None if words is None else Fraction(words)
 
 
 def _word_tokens(text: str) -> list[str]:
@@ -127,8 +156,13 @@ def _parse_group(tokens: Sequence[str], i: int) -> tuple[int | None, int]:
 
 
 def _last_number(text: str) -> str | None:
-    """The text of the last number in `text`, in digits or in words."""
+    """The text of the last number in `text`, in digits, in words or as a fraction.
+
+    The number that ends last wins, and of two ending at the same place the longer one
+    ("1/2" over its "2").
+    """
     found: list[tuple[int, str]] = [(m.start(), m.group()) for m in _DIGIT_NUMBER_IN_TEXT.finditer(text)]
+    found += [(m.start(), m.group()) for m in _FRACTION_IN_TEXT.finditer(text)]
     for run in _number_word_runs(text):
         i = 0
         while i < len(run):
@@ -140,15 +174,23 @@ def _last_number(text: str) -> str | None:
                     break
             else:
                 i += 1
-    return max(found)[1] if found else None
+    return max(found, key=lambda f: (f[0] + len(f[1]), len(f[1])))[1] if found else None
 
 
 def _number_word_runs(text: str) -> list[list[tuple[str, int, int]]]:
-    """Stretches of number words joined only by spaces or hyphens, as (word, start, end)."""
+    """Stretches of number words joined only by spaces or hyphens, as (word, start, end).
+
+    "minus" starts a stretch (a sign) only when it does not follow a number: "is minus
+    three" is -3, but in "nine minus two" and "9 minus 2" it is the operator.
+    """
     runs: list[list[tuple[str, int, int]]] = []
     previous_end = None
     for match in re.finditer(r"[^\W\d_]+", text):
         word = match.group().casefold()
+        if word == "minus" and not _follows_number(text[: match.start()]):
+            runs.append([(word, match.start(), match.end())])
+            previous_end = match.end()
+            continue
         if word not in _NUMBER_WORDS:
             previous_end = None
             continue
@@ -158,6 +200,12 @@ def _number_word_runs(text: str) -> list[list[tuple[str, int, int]]]:
         runs[-1].append((word, match.start(), match.end()))
         previous_end = match.end()
     return runs
+
+
+def _follows_number(before: str) -> bool:
+    """Whether the text `before` a word ends with a number (digits or a number word)."""
+    last = before.rstrip(" \t\n-").rpartition(" ")[2].casefold()
+    return bool(last) and (last[-1].isdigit() or last in _NUMBER_WORDS)
 
 
 # --- extraction and comparison -------------------------------------------------------
@@ -202,20 +250,22 @@ def is_correct(text: str, reference: Any, choices: Sequence[str] | None = None) 
     return same_answer(extract_answer(text, reference, choices), reference)
 
 
-def _reference_number(reference: Any) -> Decimal | None:
+def _reference_number(reference: Any) -> Fraction | None:
     if isinstance(reference, bool):
         return None
     if isinstance(reference, numbers.Integral):  # numpy integers too (rows from `datasets`)
-        return Decimal(int(reference))
+        return Fraction(int(reference))
     if isinstance(reference, numbers.Real):
-        return Decimal(repr(float(reference)))  # the shortest decimal that is this float: 0.1 -> "0.1"
+        if not math.isfinite(reference):
+            return None
+        return Fraction(repr(float(reference)))  # the shortest decimal that is this float: 0.1 -> 1/10
     if isinstance(reference, str):
         return _number_value(reference)
     return None
 
 
 def _marked_answer(text: str) -> str | None:
-    """The content of the last <answer>…</answer>, else of the last \\boxed{…}."""
+    """The content of the last <answer>…</answer>, else of the last \\boxed{…} (unwrapping \\text{…})."""
     tagged = _ANSWER_TAG.findall(text)
     if tagged:
         return tagged[-1]
@@ -228,7 +278,9 @@ def _marked_answer(text: str) -> str | None:
             depth += 1
         elif text[i] == "}":
             if depth == 0:
-                return text[begin:i]
+                boxed = text[begin:i]
+                wrapped = _LATEX_TEXT.fullmatch(boxed)
+                return wrapped.group(1) if wrapped else boxed
             depth -= 1
     return None  # never closed
 
@@ -240,7 +292,7 @@ def _chosen_option(text: str, choices: Sequence[str]) -> str | None:
     if said in options:
         return str(choices[options.index(said)])
     alone = re.fullmatch(r"\W*([A-Za-z])\W*", text)
-    letters = [alone.group(1).upper()] if alone else [a or b for a, b in _CHOICE_LETTER.findall(text)]
+    letters = [alone.group(1).upper()] if alone else [(a or b or c).upper() for a, b, c in _CHOICE_LETTER.findall(text)]
     if letters and ord(letters[-1]) - ord("A") < len(choices):
         return str(choices[ord(letters[-1]) - ord("A")])
     mentioned = []
@@ -270,12 +322,13 @@ def correctness(rollouts: list[Rollout], *, field: str = "answer", speech: bool 
     """1.0 when the response's answer equals meta[field] (numbers by value), else 0.0; None without meta[field].
 
     `speech=True` checks the words the model spoke (`spoken_text`) instead of its text.
-    Multiple choice when meta has `choices`.
+    Multiple choice when meta has `choices`. A NaN reference (a missing value in a
+    numeric column read by `datasets` or pandas) counts as no reference.
     """
     scores: list[float | None] = []
     for rollout in rollouts:
         reference = rollout.meta.get(field)
-        if reference is None:
+        if reference is None or (isinstance(reference, numbers.Real) and math.isnan(reference)):
             scores.append(None)
             continue
         response = rollout.spoken_text if speech else rollout.text

@@ -100,7 +100,9 @@ def test_words_to_number_rejects_what_is_not_one_number(words: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("7", 7), ("7.0", 7.0), ("-2.5", -2.5), ("1,000", 1000), ("seven", 7), ("42.", 42),
-     ("the answer is 7", None), ("7 8", None), ("", None)],
+     ("the answer is 7", None), ("7 8", None), ("", None),
+     # fractions of integers are floats, even when whole
+     ("1/2", 0.5), ("4/2", 2.0), ("-\\frac{3}{4}", -0.75), ("\\dfrac{1}{4}", 0.25), ("1/0", None)],
 )
 def test_parse_number(text: str, expected: int | float | None) -> None:
     value = parse_number(text)
@@ -121,6 +123,9 @@ def test_parse_number(text: str, expected: int | float | None) -> None:
         # \boxed{} when there is no tag; braces nest.
         ("So \\boxed{42}. Or maybe 41.", 42, "42"),
         ("\\boxed{\\frac{1}{2}} is it", "\\frac{1}{2}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{1}{2}}", 0.5, "\\frac{1}{2}"),  # the fraction, not its last digit
+        ("\\boxed{\\text{the cat}}", "the cat", "the cat"),  # \text{} around the whole box is dropped
+        ("\\boxed{x^{2}}", "x^2", "x^{2}"),
         # The last number in digits or words.
         ("3 plus 4 is 7.", 7, "7"),
         ("nine minus two is seven", 7, "seven"),
@@ -131,6 +136,14 @@ def test_parse_number(text: str, expected: int | float | None) -> None:
         ("it was -3 degrees", -3, "-3"),
         ("9-2", 7, "2"),  # a minus between numbers is not a sign
         ("about 1,000 people", 1000, "1,000"),
+        # "minus" is a sign unless it follows a number.
+        ("the answer is minus three", -3, "minus three"),
+        ("nine minus two", 7, "two"),
+        ("9 minus 2 is 7", 7, "7"),
+        # Fractions: the one that ends last, not the digit inside it; a date is not one.
+        ("half of it, 1/2", 0.5, "1/2"),
+        ("it is -\\frac{3}{4} now", -0.75, "-\\frac{3}{4}"),
+        ("on 1/2/2025 it was 3", 3, "3"),
         ("no number here", 7, None),
         # A reference that is not a number: the tagged answer or the whole text.
         ("<answer>The Cat.</answer>", "the cat", "The Cat."),
@@ -151,6 +164,12 @@ def test_extract_answer(text: str, reference: Any, expected: str | None) -> None
         ("<answer>b.</answer>", "normal"),
         ("It sounds quite fast.", "fast"),
         ("first slow, then normal", "normal"),  # the last option mentioned
+        ("The answer is (c).", "fast"),
+        ("answer: c", "fast"),  # a lower-case letter that ends the sentence
+        ("I think the answer is b", "normal"),
+        ("the answer is a fast one", "fast"),  # "a" is the article here, so the option text decides
+        ("\\boxed{\\text{C}}", "fast"),
+        ("B) normal", "normal"),
         ("D", None),  # only three options
         ("it is loud", None),
     ],
@@ -175,6 +194,13 @@ def test_extract_answer_multiple_choice(text: str, expected: str | None) -> None
         ("7", np.int64(7), True),  # reference fields read by `datasets` are numpy numbers
         ("0.1", 0.1, True),
         ("2.50", 2.5, True),
+        ("\\boxed{7.0}", 7, True),
+        ("\\frac{1}{2}", 0.5, True),
+        ("1/2", "0.5", True),
+        ("2/4", "\\frac{1}{2}", True),  # by value
+        ("1/3", 0.333, False),  # exact values, no tolerance
+        ("the answer is minus three", -3, True),
+        ("three", -3, False),
         ("7.5", 7, False),
         ("seventy", 7, False),
         ("8", 7, False),
@@ -208,9 +234,10 @@ def test_correctness_scores_text_answers() -> None:
         make_rollout("twenty one", answer=21),
         make_rollout("7", question="no answer field here"),
         make_rollout("the cat sat", transcript="The cat sat."),
+        make_rollout("nan", answer=float("nan")),  # a missing value in a numeric column
     ]
-    assert correctness(rollouts) == [1.0, 0.0, 1.0, None, None]
-    assert correctness(rollouts, field="transcript") == [None, None, None, None, 1.0]
+    assert correctness(rollouts) == [1.0, 0.0, 1.0, None, None, None]
+    assert correctness(rollouts, field="transcript") == [None, None, None, None, 1.0, None]
 
 
 def test_correctness_speech_checks_the_spoken_words() -> None:
