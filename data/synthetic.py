@@ -22,7 +22,9 @@ with n = k.
 
 Tasks (see `TASKS`, or call `make_task(name, n, seed, **kw)`):
 - `arithmetic`: "what is A plus/minus B" spoken; answer in text (digits) and speech
-  (words); `styled=True` adds a requested speaking style ("... answer slowly").
+  (words); `styled=True` adds a requested speaking style, spoken ("... answer slowly")
+  or as text (`style_in="text"`); `target_style="random"` makes SFT targets speak in
+  random styles that follow no request.
 - `transcription`: a short templated sentence spoken; answer is its transcript.
 - `perception`: a sentence spoken slow/normal/fast, low/normal/high, soft/normal/loud
   or by a female/male voice; the question asks about one attribute.
@@ -172,6 +174,8 @@ def arithmetic(
     max_operand: int = 9,
     styled: bool = False,
     max_attributes: int = 1,
+    style_in: str = "audio",
+    target_style: str = "requested",
     think: bool = False,
     voices: Sequence[str | Voice] = DEFAULT_VOICES,
     sample_rate: int = 16000,
@@ -181,19 +185,30 @@ def arithmetic(
 
     A minus question never goes negative. meta: `question` (the spoken text), `answer`
     (int), `operands` [A, B], `op` ("plus" or "minus"). The target answers with the
-    digits in text and the number in words in speech. With `styled`, the question
-    ends with a style request ("... answer slowly"); meta `style` is then
-    {attribute: level} (1..max_attributes attributes, never "normal") and the target
-    speaks in that style. With `think`, the target first reasons in <think>: it writes
-    out the question it heard ("three plus four"), then answers. With the defaults every clip fits MAX_CLIP_SECONDS; larger
-    operands or several style requests make longer questions, and a clip over
-    `max_seconds` is an error.
+    digits in text and the number in words in speech.
+
+    With `styled`, the prompt asks for a speaking style; meta `style` is then
+    {attribute: level} (1..max_attributes attributes, never "normal"). `style_in` says
+    where the request is: "audio" speaks it at the end of the question ("... answer
+    slowly", part of meta `question`), "text" writes it as the human turn's text
+    ("answer slowly"). `target_style` says how the SFT target speaks: "requested" (in
+    the requested style; "normal" without a request) or "random" (every attribute at a
+    level drawn uniformly, whatever was asked: varied delivery that follows no request,
+    which leaves following requests to RL). With `think`, the target first reasons in
+    <think>: it writes out the question it heard ("three plus four"), then answers.
+    With the defaults every clip fits MAX_CLIP_SECONDS; larger operands or several
+    spoken style requests make longer questions, and a clip over `max_seconds` is an
+    error.
     """
     _check_count(n, "arithmetic")
     if max_operand < 0:
         raise ValueError(f"arithmetic: max_operand={max_operand} must be >= 0")
     if styled:
         _check_max_attributes(max_attributes, "arithmetic")
+    if style_in not in ("audio", "text"):
+        raise ValueError(f"arithmetic: style_in={style_in!r} is not known; use 'audio' (spoken) or 'text'")
+    if target_style not in ("requested", "random"):
+        raise ValueError(f"arithmetic: target_style={target_style!r} is not known; use 'requested' or 'random'")
     speakers = _voices(voices)
     rng = np.random.default_rng(seed)
     prompts, clips = [], []
@@ -205,20 +220,24 @@ def arithmetic(
         answer = a + b if op == "plus" else a - b
         question = f"what is {number_to_words(a)} {op} {number_to_words(b)}"
         style = _draw_style(rng, max_attributes) if styled else {}
-        if style:
-            question += f"? answer {style_phrase(style)}"
+        request = f"answer {style_phrase(style)}" if style else ""
+        if request and style_in == "audio":
+            question += f"? {request}"
         clips.append(_draw_clip(rng, question, speakers, SpeechStyle()))
+        spoken_style = style
+        if target_style == "random":
+            spoken_style = {attr: levels[int(rng.integers(len(levels)))] for attr, levels in STYLE_LEVELS.items()}
         meta = {"question": question, "answer": answer, "operands": [a, b], "op": op}
         if style:
             meta["style"] = style
         prompts.append(
             Prompt(
                 id=f"arithmetic{'-styled' if styled else ''}-{seed}-{i}",
-                messages=[Message("human", "")],
+                messages=[Message("human", request if style_in == "text" else "")],
                 task="arithmetic",
                 meta=meta,
                 target=Response(
-                    text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**style),
+                    text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**spoken_style),
                     think=f"{number_to_words(a)} {op} {number_to_words(b)}" if think else None,
                 ),
             )

@@ -18,7 +18,7 @@ from vocalign.data.synthetic import (
     perception,
     styled_speech,
 )
-from vocalign.data.types import Prompt, Response, SpeechStyle
+from vocalign.data.types import STYLE_LEVELS, Prompt, Response, SpeechStyle
 
 AUDIO_TASKS = ("arithmetic", "transcription", "perception")
 
@@ -223,3 +223,28 @@ def test_bad_arguments_are_explained():
 def test_a_clip_over_max_seconds_is_an_error_that_says_what_to_change():
     with pytest.raises(ValueError, match=r"arithmetic prompt 0 .* over max_seconds=0.5; .*max_operand"):
         arithmetic(1, seed=0, max_seconds=0.5)
+
+
+def test_styled_arithmetic_can_ask_in_text_and_targets_can_ignore_the_request():
+    prompts = arithmetic(90, seed=3, styled=True, style_in="text", target_style="random")
+    (spoken,) = arithmetic(1, seed=3, styled=True)
+    # the request is the human turn's text, and the spoken question is the plain one
+    assert "?" not in prompts[0].meta["question"]
+    assert spoken.meta["question"].startswith(prompts[0].meta["question"] + "? answer ")
+    seen_levels = {attr: set() for attr in STYLE_LEVELS}
+    for p in prompts:
+        (attr, level), = p.meta["style"].items()
+        assert p.messages[-1].content == f"answer {STYLE_PHRASES[attr][level]}"
+        for a in STYLE_LEVELS:
+            seen_levels[a].add(getattr(p.target.style, a))
+    # random targets: every level of every attribute shows up, requested or not
+    assert all(levels == set(STYLE_LEVELS[a]) for a, levels in seen_levels.items())
+    matches = sum(getattr(p.target.style, a) == lvl for p in prompts for a, lvl in p.meta["style"].items())
+    assert 10 < matches < 50  # about a third of 90 by chance, not all
+
+
+def test_unknown_style_options_are_errors():
+    with pytest.raises(ValueError, match="style_in='sung' is not known"):
+        arithmetic(1, seed=0, styled=True, style_in="sung")
+    with pytest.raises(ValueError, match="target_style='any' is not known"):
+        arithmetic(1, seed=0, target_style="any")
