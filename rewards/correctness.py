@@ -10,7 +10,8 @@ on the reference:
   "\\frac{1}{2}"); numbers are compared by exact value, so "7", "7.0" and "seven" are the
   same answer, and so are "0.5" and "\\frac{1}{2}";
 - with `choices` in meta (multiple choice): the option given as its letter ("B", "(B)",
-  "answer: B", "the answer is b." where a lower-case letter ends the sentence) or as its text (the last option mentioned); the reference may be either;
+  "answer: B", "the answer is b." where a lower-case letter ends the sentence) or as its
+  text (the last option mentioned); the reference may be either;
 - anything else: the whole answer, compared after normalising case, punctuation and
   spaces ("The cat." equals "the cat").
 """
@@ -52,7 +53,8 @@ _LATEX_TEXT = re.compile(r"\s*\\(?:text|textbf|mathrm|mbox)\{(.*)\}\s*", re.DOTA
 # words a lower-case letter counts only when it ends the sentence ("the answer is b."),
 # since "the answer is a fast one" uses the article "a".
 _CHOICE_LETTER = re.compile(
-    r"\(([A-Z])\)|(?i:\b(?:option|choice|answer(?:\s+is)?))\s*[:\-]?\s*\(?(?:([A-Z])(?![A-Za-z])|([a-z])\)?(?=\s*(?:[.!?]|$)))"
+    r"\(([A-Z])\)"
+    r"|(?i:\b(?:option|choice|answer(?:\s+is)?))\s*[:\-]?\s*\(?(?:([A-Z])(?![A-Za-z])|([a-z])\)?(?=\s*(?:[.!?]|$)))"
 )
 
 
