@@ -1,0 +1,477 @@
+"""The embedded speech recognizer: a small word-level CTC model for the synthetic speech domain.
+
+Why it exists: rewards that listen to the policy's speech need ASR that runs offline on a
+CPU, and generic recognizers fail on espeak-ng speech (pocketsphinx: WER ~0.8). The
+domain is closed (the words of `vocalign.data.synthetic`'s tasks, `VOCABULARY`), so a
+recognizer trained from scratch on synthesized speech is small (~0.7M parameters, fp16)
+and fast.
+
+Model: 80-bin log-mel (10 ms hop), two stride-2 convolutions (40 ms frames), a 2-layer
+bidirectional GRU and one output per word plus the CTC blank; greedy decoding.
+
+Data (seeded, rendered in-process, ~2 ms per clip): sentences of the synthetic tasks
+(`random_sentence`), spoken two ways: (a) espeak-ng text-to-speech with English base
+voices x voice variants, rate/pitch/volume drawn across and beyond `STYLE_SETTINGS`;
+(b) the policy's own speech, `EspeakUnitDetokenizer` renders in all 27 `SpeechStyle`s.
+The variants in `HELD_OUT_VARIANTS` are never used for training, so `evaluate` measures
+voices the recognizer has not heard.
+
+    python -m vocalign.rewards.ctc_asr train --out rewards/assets --minutes 8 --seed 0
+    python -m vocalign.rewards.ctc_asr evaluate [--weights rewards/assets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import librosa
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vocalign.data.espeak import Voice, available_variants, resample, synthesize
+from vocalign.data.synthetic import STYLE_PHRASES, number_to_words, style_phrase
+from vocalign.data.types import STYLE_LEVELS, SpeechStyle
+from vocalign.model.detokenizer import EspeakUnitDetokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+WEIGHTS_FILE = "ctc_asr.safetensors"
+CONFIG_FILE = "ctc_asr.json"
+SAMPLE_RATE = 16000
+HOP, N_FFT = 160, 400  # 10 ms frames of 25 ms windows
+
+# --- the domain ----------------------------------------------------------------------
+
+_NUMBER_WORDS = [number_to_words(n) for n in range(20)] + [number_to_words(10 * n) for n in range(2, 10)]
+# Slot words of the synthetic templates (data/synthetic.py); kept here, with the vocabulary,
+# because the shipped weights are tied to exactly these words.
+_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
+_THINGS = ("ball", "book", "cup", "hat", "box", "key", "chair", "lamp")
+_PLACES = ("table", "floor", "shelf", "bed", "desk", "roof")
+_ANIMALS = ("cats", "dogs", "birds", "fish", "horses", "ducks")
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_TEMPLATES = (
+    "the {colour} {thing} is on the {place}",
+    "i can see {count} {animals}",
+    "the train leaves at {hour} {minutes}",
+    "we meet again on {day}",
+    "please paint the {thing} {colour}",
+    "it is {degrees} degrees today",
+    "my number ends in {d1} {d2} {d3}",
+)
+_LABELS = ("slow", "normal", "fast", "low", "high", "soft", "loud", "female", "male")
+_PERCEPTION = ("is the speech slow normal or fast", "is the voice low normal or high",
+               "is the speech soft normal or loud", "is the voice female or male", "transcribe the audio")
+
+# Every word the recognizer knows: numbers (0-99 as the synthetic tasks speak them, plus
+# hundred/thousand/minus), the arithmetic questions and their style requests, the
+# transcription/perception templates with all their slot words, the perception labels and
+# "the answer is". Anything else is heard as the nearest of these words.
+VOCABULARY: tuple[str, ...] = tuple(sorted(set(
+    " ".join([
+        *_NUMBER_WORDS, "hundred thousand minus what is plus the answer",
+        *(p for phrases in STYLE_PHRASES.values() for p in phrases.values()), "and",
+        *_COLOURS, *_THINGS, *_PLACES, *_ANIMALS, *_DAYS, *_TEMPLATES, *_LABELS, *_PERCEPTION,
+    ]).replace("{", " {").replace("}", "} ").split()
+) - {"{" + slot + "}" for slot in ("colour", "thing", "place", "count", "animals", "hour", "minutes", "day",
+                                   "degrees", "d1", "d2", "d3")}))
+
+# English base voices x espeak-ng variants make the speakers. These variants (about one
+# in ten, whispered, robotic and default-task voices among them) are never trained on.
+BASE_VOICES = ("en-us", "en-us-nyc", "en", "en-gb-x-rp", "en-gb-scotland", "en-029")
+_BASE_WEIGHTS = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
+HELD_OUT_VARIANTS = ("Andy", "Lee", "anika", "belinda", "edward2", "f4", "iven3", "klatt4", "m6",
+                     "robosoft3", "whisperf")
+
+
+def training_variants() -> list[str]:
+    """The espeak-ng variants used for training: all but HELD_OUT_VARIANTS, plus "" (the plain voice)."""
+    return [""] + [v for v in available_variants() if v not in HELD_OUT_VARIANTS]
+
+
+def _number(rng: np.random.Generator) -> str:
+    n = int(rng.integers(0, 20)) if rng.random() < 0.5 else int(rng.integers(0, 100))
+    if rng.random() < 0.05:
+        n = int(rng.integers(100, 1000)) if rng.random() < 0.7 else int(rng.integers(1000, 10000))
+    return number_to_words(-n if rng.random() < 0.05 else n)
+
+
+def random_sentence(rng: np.random.Generator) -> str:
+    """A sentence of the synthetic speech domain: a question, an answer, a template
+    sentence, a label, or (so that no word order is learnt as certain) random words."""
+    kind = rng.random()
+    if kind < 0.25:
+        a, b = (_number(rng) if rng.random() < 0.3 else number_to_words(int(rng.integers(0, 10))) for _ in range(2))
+        text = f"what is {a} {'plus' if rng.random() < 0.5 else 'minus'} {b}"
+        if rng.random() < 0.5:
+            names = list(STYLE_PHRASES)
+            chosen = sorted(rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False))
+            style = {names[k]: str(rng.choice(list(STYLE_PHRASES[names[k]]))) for k in chosen}
+            text += " answer " + style_phrase(style).replace(",", "")
+        return text
+    if kind < 0.5:
+        return ("the answer is " if rng.random() < 0.3 else "") + _number(rng)
+    if kind < 0.75:
+        pick = lambda words: str(rng.choice(words))  # noqa: E731
+        digit = lambda lo, hi: number_to_words(int(rng.integers(lo, hi)))  # noqa: E731
+        return str(rng.choice(_TEMPLATES)).format(
+            colour=pick(_COLOURS), thing=pick(_THINGS), place=pick(_PLACES), animals=pick(_ANIMALS),
+            day=pick(_DAYS), minutes=pick(("fifteen", "thirty", "forty five")), count=digit(2, 13),
+            hour=digit(1, 13), degrees=digit(10, 36), d1=digit(0, 10), d2=digit(0, 10), d3=digit(0, 10))
+    if kind < 0.85:
+        return str(rng.choice(_LABELS + _PERCEPTION))
+    return " ".join(rng.choice(VOCABULARY, size=int(rng.integers(1, 9))))
+
+
+# --- speech ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One synthesized clip: what was said, by whom, and which kind of speech it is."""
+
+    text: str
+    waveform: np.ndarray
+    kind: str  # "tts" (espeak-ng text-to-speech) or "policy" (EspeakUnitDetokenizer)
+    voice: str
+
+
+_STYLES = [SpeechStyle(*levels) for levels in itertools.product(*STYLE_LEVELS.values())]
+
+
+@lru_cache(maxsize=1)
+def _detokenizer() -> EspeakUnitDetokenizer:
+    return EspeakUnitDetokenizer(sample_rate=SAMPLE_RATE)
+
+
+def speak(text: str, kind: str, voice: str, rng: np.random.Generator) -> np.ndarray:
+    """`text` as kind "tts" (settings drawn across and beyond STYLE_SETTINGS) or "policy"
+    (one of the 27 SpeechStyles), by espeak-ng voice `voice` ("en-us+f3")."""
+    if kind == "policy":
+        d = _detokenizer()
+        return d.render(d.encode(text, _STYLES[int(rng.integers(len(_STYLES)))]), voice=voice).waveform
+    rate, pitch, volume = int(rng.integers(95, 340)), int(rng.integers(0, 100)), int(rng.integers(25, 201))
+    return np.clip(synthesize(text, voice, rate, pitch, volume, sample_rate=SAMPLE_RATE), -1.0, 1.0)
+
+
+def make_utterances(n: int, seed: int, variants: Sequence[str], policy_share: float = 0.4,
+                    policy_voice_share: float = 0.5) -> list[Utterance]:
+    """`n` seeded utterances of `random_sentence`s by `variants`; a `policy_share` of them are
+    detokenizer renders, of which a `policy_voice_share` use the detokenizer's own voice (en-us)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        text = random_sentence(rng)
+        variant = str(rng.choice(variants))
+        kind = "policy" if rng.random() < policy_share else "tts"
+        if kind == "policy" and rng.random() < policy_voice_share:
+            base, variant = "en-us", ""
+        else:
+            base = str(rng.choice(BASE_VOICES, p=_BASE_WEIGHTS)) if kind == "tts" else "en-us"
+        voice = Voice(base, variant).spec
+        out.append(Utterance(text, speak(text, kind, voice, rng), kind, voice))
+    return out
+
+
+# --- features and model ----------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def _mel_filters(n_mels: int) -> torch.Tensor:
+    return torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)).float()
+
+
+def log_mel(waveform: np.ndarray, n_mels: int = 80) -> torch.Tensor:
+    """[frames, n_mels] log-mel of a 16 kHz clip, floored 80 dB under its peak and scaled
+    to zero mean and unit variance, so that loudness does not change the features."""
+    wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+    if len(wav) < N_FFT:
+        wav = torch.nn.functional.pad(wav, (0, N_FFT - len(wav)))
+    power = torch.stft(wav, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs() ** 2
+    mel = torch.clamp(_mel_filters(n_mels) @ power, min=1e-10).log10()
+    mel = torch.maximum(mel, mel.max() - 8.0)
+    return ((mel - mel.mean()) / (mel.std() + 1e-5)).T.contiguous()
+
+
+@dataclass(frozen=True)
+class RecognizerConfig:
+    """The model's shape and its vocabulary (output k+1 is word k; output 0 is the CTC blank)."""
+
+    vocabulary: tuple[str, ...] = VOCABULARY
+    n_mels: int = 80
+    channels: int = 32
+    hidden: int = 128
+    layers: int = 2
+
+
+def _conv_frames(frames: torch.Tensor) -> torch.Tensor:
+    for _ in range(2):  # two convolutions, kernel 3, stride 2, padding 1
+        frames = (frames - 1) // 2 + 1
+    return frames
+
+
+class CTCRecognizer(nn.Module):
+    """log-mel -> 2 stride-2 convs -> BiGRU -> per-frame word logits (40 ms frames)."""
+
+    def __init__(self, config: RecognizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU(),
+        )
+        freq = _conv_frames(torch.tensor(config.n_mels)).item()
+        self.project = nn.Linear(c * freq, config.hidden)
+        self.rnn = nn.GRU(config.hidden, config.hidden, num_layers=config.layers, batch_first=True,
+                          bidirectional=True, dropout=0.1)
+        self.out = nn.Linear(2 * config.hidden, len(config.vocabulary) + 1)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, T, n_mels] (zero-padded), lengths [B] -> logits [B, T', V+1], lengths [B]."""
+        x = self.conv(features.unsqueeze(1))  # [B, C, T', F']
+        x = self.project(x.permute(0, 2, 1, 3).flatten(2))
+        out_lengths = _conv_frames(lengths)
+        packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        x, _ = self.rnn(packed)
+        x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True)
+        return self.out(x), out_lengths
+
+
+def _batch(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(f) for f in features])
+    return nn.utils.rnn.pad_sequence(list(features), batch_first=True), lengths
+
+
+def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, vocabulary: Sequence[str]) -> list[str]:
+    """Best path per clip: the argmax word per frame, repeats merged, blanks dropped."""
+    best = logits.argmax(-1).tolist()
+    texts = []
+    for path, n in zip(best, lengths.tolist()):
+        words = [vocabulary[k - 1] for k, _ in itertools.groupby(path[:n]) if k != 0]
+        texts.append(" ".join(words))
+    return texts
+
+
+# --- loading and transcribing ------------------------------------------------------------
+
+
+class EmbeddedRecognizer:
+    """The trained CTCRecognizer behind the ASR interface (`transcribe`)."""
+
+    def __init__(self, model: CTCRecognizer, device: str = "cpu", batch_size: int = 64) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path = ASSETS, device: str = "cpu", batch_size: int = 64) -> EmbeddedRecognizer:
+        """Weights and vocabulary saved by `save` (default: the ones shipped with vocalign)."""
+        folder = Path(path)
+        if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"no embedded recognizer in {str(folder)!r}: it needs {WEIGHTS_FILE} and {CONFIG_FILE}; "
+                "train one with `python -m vocalign.rewards.ctc_asr train --out DIR`, or leave the path out "
+                "to use the shipped one"
+            )
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+        config = RecognizerConfig(**{**saved["model"], "vocabulary": tuple(saved["model"]["vocabulary"])})
+        model = CTCRecognizer(config)
+        model.load_state_dict({k: v.float() for k, v in load_file(folder / WEIGHTS_FILE).items()})
+        return cls(model, device, batch_size)
+
+    @torch.inference_mode()
+    def transcribe(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> list[str]:
+        """One transcript per clip; an empty clip gives ""."""
+        texts = [""] * len(waveforms)
+        spoken = [i for i, w in enumerate(waveforms) if w is not None and len(w) > 0]
+        for start in range(0, len(spoken), self.batch_size):
+            chunk = spoken[start : start + self.batch_size]
+            features = [log_mel(resample(np.asarray(waveforms[i], np.float32), sample_rate, SAMPLE_RATE),
+                                self.model.config.n_mels) for i in chunk]
+            batch, lengths = _batch(features)
+            logits, out_lengths = self.model(batch.to(self.device), lengths)
+            for i, text in zip(chunk, greedy_decode(logits.cpu(), out_lengths, self.model.config.vocabulary)):
+                texts[i] = text
+        return texts
+
+
+def save(model: CTCRecognizer, folder: Path, provenance: dict) -> None:
+    """fp16 weights (half the size; the fp32 model's transcripts do not change) and a JSON
+    with the config, vocabulary and how the weights were made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    info = {"model": {**asdict(model.config), "vocabulary": list(model.config.vocabulary)}, "training": provenance}
+    (folder / CONFIG_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How `train` makes its data and trains; the learning rate follows a cosine over the time budget."""
+
+    minutes: float = 8.0
+    seed: int = 0
+    utterances: int = 12000
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    noise_share: float = 0.3  # clips that get white noise at 15-40 dB SNR
+
+
+def _training_features(config: TrainConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rng = np.random.default_rng(config.seed + 1)
+    index = {w: k + 1 for k, w in enumerate(VOCABULARY)}
+    features, targets = [], []
+    for utt in make_utterances(config.utterances, config.seed, training_variants()):
+        pad = rng.integers(0, int(0.3 * SAMPLE_RATE), size=2)
+        wav = np.concatenate([np.zeros(pad[0], np.float32), utt.waveform, np.zeros(pad[1], np.float32)])
+        if rng.random() < config.noise_share:
+            rms = float(np.sqrt(np.mean(utt.waveform**2))) + 1e-6
+            wav = wav + rng.normal(0, rms * 10 ** (-rng.uniform(15, 40) / 20), len(wav)).astype(np.float32)
+        features.append(log_mel(wav).half())
+        targets.append(torch.tensor([index[w] for w in utt.text.split()]))
+    return features, targets
+
+
+def _mask_frequencies(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """SpecAugment-style: zero two random bands of up to 10 mel bins per clip."""
+    for i in range(len(batch)):
+        for _ in range(2):
+            width, start = int(rng.integers(0, 11)), int(rng.integers(0, batch.shape[2] - 10))
+            batch[i, :, start : start + width] = 0.0
+    return batch
+
+
+def train(config: TrainConfig, out: Path) -> CTCRecognizer:
+    """Generate the seeded data, train for `config.minutes`, save to `out`."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed + 2)
+    started = time.time()
+    features, targets = _training_features(config)
+    data_seconds = time.time() - started
+    print(f"{len(features)} utterances in {data_seconds:.0f} s", flush=True)
+    model = CTCRecognizer(RecognizerConfig())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+    order = np.argsort([len(f) for f in features])  # batches of similar length waste less padding
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    budget, train_start, step = config.minutes * 60, time.time(), 0
+    while (progress := (time.time() - train_start) / budget) < 1.0:
+        lr = config.learning_rate * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chosen = batches[int(rng.integers(len(batches)))]
+        batch, lengths = _batch([features[i].float() for i in chosen])
+        logits, out_lengths = model(_mask_frequencies(batch, rng), lengths)
+        labels = [targets[i] for i in chosen]
+        loss = ctc(logits.log_softmax(-1).transpose(0, 1), torch.cat(labels), out_lengths,
+                   torch.tensor([len(t) for t in labels]))
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - train_start:.0f} s", flush=True)
+    model.eval()
+    provenance = {**asdict(config), "steps": step, "data_seconds": round(data_seconds, 1),
+                  "train_seconds": round(time.time() - train_start, 1), "held_out_variants": list(HELD_OUT_VARIANTS)}
+    save(model, out, provenance)
+    print(f"saved to {out} after {step} steps", flush=True)
+    return model
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Word errors over all clips / reference words over all clips."""
+    import jiwer
+
+    return jiwer.process_words(list(references), [h if h else "" for h in hypotheses]).wer
+
+
+def contrast_pairs(n: int, seed: int, max_text_wer: float = 0.8) -> list[tuple[str, str]]:
+    """`n` sentence pairs (A, B) whose text-vs-text WER is at least `max_text_wer`: they share few words."""
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n:
+        a, b = random_sentence(rng), random_sentence(rng)
+        if corpus_wer([b], [a]) >= max_text_wer:
+            pairs.append((a, b))
+    return pairs
+
+
+def evaluate(weights: Path = ASSETS, n: int = 400, seed: int = 12345) -> dict[str, float]:
+    """Held-out WERs (voices with HELD_OUT_VARIANTS only) per kind of speech, the WER of the
+    policy's own voice, and the wrong-reference WER of contrast pairs; printed and returned."""
+    recognizer = EmbeddedRecognizer.load(weights)
+    results: dict[str, float] = {}
+    sets = {
+        "held-out variants, espeak-ng TTS (a)": make_utterances(n, seed, HELD_OUT_VARIANTS, policy_share=0.0),
+        "held-out variants, policy speech (b)": make_utterances(
+            n, seed + 1, HELD_OUT_VARIANTS, policy_share=1.0, policy_voice_share=0.0),
+        "policy speech, detokenizer's own voice, new sentences": make_utterances(
+            n, seed + 2, [""], policy_share=1.0, policy_voice_share=1.0),
+    }
+    recognizer.transcribe([sets[next(iter(sets))][0].waveform], SAMPLE_RATE)  # warm up before timing
+    all_refs: list[str] = []
+    all_hyps: list[str] = []
+    for name, utterances in sets.items():
+        started = time.time()
+        hyps = recognizer.transcribe([u.waveform for u in utterances], SAMPLE_RATE)
+        ms = 1000 * (time.time() - started) / len(utterances)
+        refs = [u.text for u in utterances]
+        results[name] = corpus_wer(refs, hyps)
+        print(f"WER {results[name]:.3f}  {name} ({len(utterances)} clips, {ms:.1f} ms/clip)")
+        if "held-out" in name:
+            all_refs, all_hyps = all_refs + refs, all_hyps + hyps
+    results["held-out overall"] = corpus_wer(all_refs, all_hyps)
+    print(f"WER {results['held-out overall']:.3f}  held-out overall (a)+(b)")
+    pairs = contrast_pairs(n // 2, seed + 3)
+    rng = np.random.default_rng(seed + 4)
+    spoken = [speak(a, kind, Voice("en-us", str(rng.choice(HELD_OUT_VARIANTS))).spec, rng)
+              for (a, _), kind in zip(pairs, itertools.cycle(("tts", "policy")))]
+    heard = recognizer.transcribe(spoken, SAMPLE_RATE)
+    # Capped at 1 as the rewards cap it: a long hypothesis must not outweigh the other pairs.
+    wrong = [min(corpus_wer([b], [h]), 1.0) for (_, b), h in zip(pairs, heard)]
+    bound = [min(corpus_wer([b], [a]), 1.0) for a, b in pairs]
+    results["wrong-reference"] = float(np.mean(wrong))
+    results["wrong-reference text bound"] = float(np.mean(bound))
+    print(f"WER {results['wrong-reference']:.3f}  wrong reference (audio of A scored against B, held-out "
+          f"variants; mean over {len(pairs)} pairs of min(WER, 1)); text-vs-text: {np.mean(bound):.3f}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vocalign.rewards.ctc_asr", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("train", help="generate seeded speech and train the recognizer")
+    fit.add_argument("--out", type=Path, required=True, help="folder for the weights and vocabulary")
+    fit.add_argument("--minutes", type=float, default=TrainConfig.minutes)
+    fit.add_argument("--seed", type=int, default=TrainConfig.seed)
+    fit.add_argument("--utterances", type=int, default=TrainConfig.utterances)
+    check = commands.add_parser("evaluate", help="held-out and wrong-reference WER")
+    check.add_argument("--weights", type=Path, default=ASSETS)
+    check.add_argument("--n", type=int, default=400, help="clips per held-out set")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.command == "train":
+        train(TrainConfig(minutes=args.minutes, seed=args.seed, utterances=args.utterances), args.out)
+    else:
+        evaluate(args.weights, args.n)
+
+
+if __name__ == "__main__":
+    main()
