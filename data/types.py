@@ -113,6 +113,7 @@ class Rollout:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     # the whole response as the model wrote it, tags included ("<think>...</think>7<tts_start>...<|EOT|>")
     raw_text: str = ""
+    think_tokens: int = 0  # policy tokens inside <think>...</think>
 
     @property
     def meta(self) -> dict[str, Any]:

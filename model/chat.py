@@ -69,3 +69,4 @@ class ParsedResponse:
     audio_ids: list[int]  # indices into the detokenizer's units (not vocabulary ids)
     tool_calls: list[str]
     finished: bool  # True when the turn ended with <|EOT|>
+    think_tokens: int = 0  # tokens inside <think>...</think>

@@ -169,5 +169,6 @@ class ChatTokenizer:
         return ParsedResponse(
             think=dec(parts["think"]), text=dec(parts["text"]), spoken_text=dec(parts["spoken"]),
             audio_ids=audio, tool_calls=[dec(t) for t in tools], finished=finished,
+            think_tokens=len(parts["think"]),
         )
 

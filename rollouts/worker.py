@@ -39,7 +39,7 @@ class RolloutWorker:
                     sample_rate=rate, prompt_ids=batch.ids[gen.prompt_index], response_ids=gen.response_ids,
                     logprobs=gen.logprobs, weight_version=self.version, group=gen.prompt_index,
                     finished=gen.finished, tool_calls=[{"raw": t} for t in parsed.tool_calls],
-                    raw_text=self.policy.tokenizer.decode_raw(gen.response_ids),
+                    raw_text=self.policy.tokenizer.decode_raw(gen.response_ids), think_tokens=parsed.think_tokens,
                 )
             )
         return rollouts

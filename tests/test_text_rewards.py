@@ -21,11 +21,13 @@ SPEECH = "<tts_start>seven<audio_12><audio_40><tts_end>"
 GOOD = f"<think>three plus four</think>7{SPEECH}<|EOT|>"
 
 
-def make_rollout(raw_text: str = GOOD, *, think: str = "", finished: bool = True, prompt_id: str = "p0") -> Rollout:
+def make_rollout(
+    raw_text: str = GOOD, *, think: str = "", finished: bool = True, prompt_id: str = "p0", think_tokens: int = 0
+) -> Rollout:
     prompt = Prompt(id=prompt_id, messages=[Message("human", "what is three plus four")], meta={"answer": 7})
     return Rollout(
         prompt=prompt, text="", think=think, spoken_text="", audio_tokens=[], waveform=None, sample_rate=16000,
-        prompt_ids=[], response_ids=[], logprobs=[], finished=finished, raw_text=raw_text,
+        prompt_ids=[], response_ids=[], logprobs=[], finished=finished, raw_text=raw_text, think_tokens=think_tokens,
     )
 
 
@@ -176,9 +178,13 @@ def test_a_target_rendered_by_the_embedded_tokenizer_is_well_formed() -> None:
         Response(text="7", speech="the answer is seven", think="three plus four"), units=list(range(9))
     )
     parsed = tokenizer.parse_response(ids)
-    rollout = make_rollout(tokenizer.decode_raw(ids), think=parsed.think)
+    think_ids = ids[ids.index(tokenizer.special["<think>"]) + 1 : ids.index(tokenizer.special["</think>"])]
+    assert parsed.think_tokens == len(think_ids) > 0
+    rollout = make_rollout(tokenizer.decode_raw(ids), think=parsed.think, think_tokens=parsed.think_tokens)
     assert format_reward([rollout]) == [1.0]
-    assert think_length([rollout], max_length=3) == [1.0]  # "three plus four" is 3 words
+    assert think_length([rollout], max_tokens=3, unit="words") == [1.0]  # "three plus four" is 3 words
+    assert think_length([rollout], max_tokens=len(think_ids)) == [1.0]
+    assert think_length([rollout], max_tokens=len(think_ids) - 1) == [0.0]
     cut = make_rollout(tokenizer.decode_raw(ids[:-6]), think=parsed.think, finished=False)  # inside the speech
     assert check_format(cut.raw_text, ["think", "text", "speech"], cut.finished).failed == ["finished", "well_formed"]
 
@@ -202,11 +208,14 @@ def test_think_length_score(length: int, graded: bool, expected: float) -> None:
 
 
 def test_think_size() -> None:
-    assert think_size("three plus four") == 3
-    assert think_size("three plus four", "chars") == 15
-    assert think_size("  three\n plus  ", "words") == 2
-    assert think_size("  three\n plus  ", "chars") == 11  # "three\n plus": inner spaces count
-    assert think_size("") == 0
+    assert think_size(make_rollout(think="three plus four", think_tokens=5)) == 5
+    assert think_size(make_rollout(think="three plus four"), "words") == 3
+    assert think_size(make_rollout(think="three plus four"), "chars") == 15
+    assert think_size(make_rollout(think="  three\n plus  "), "words") == 2
+    assert think_size(make_rollout(think="  three\n plus  "), "chars") == 11  # "three\n plus": inner spaces count
+    assert think_size(make_rollout(think="")) == 0
+    with pytest.raises(ValueError, match="prompt 'p0' has thinking but Rollout.think_tokens is 0"):
+        think_size(make_rollout(think="three"))
 
 
 def test_think_length_reward() -> None:
@@ -216,29 +225,29 @@ def test_think_length_reward() -> None:
         make_rollout("7<|EOT|>", think=""),  # no thinking
         make_rollout("<think>three plus", think="three plus", finished=False),  # cut inside the think
     ]
-    assert think_length(rollouts, max_length=3) == [1.0, 0.0, 0.0, 0.0]
-    assert think_length(rollouts, max_length=7) == [1.0, 1.0, 0.0, 0.0]
+    assert think_length(rollouts, max_tokens=3, unit="words") == [1.0, 0.0, 0.0, 0.0]
+    assert think_length(rollouts, max_tokens=7, unit="words") == [1.0, 1.0, 0.0, 0.0]
     # graded, max 4: 3 words -> 1; 7 words -> (8 - 7) / 4 = 0.25
-    assert think_length(rollouts, max_length=4, graded=True) == pytest.approx([1.0, 0.25, 0.0, 0.0])
+    assert think_length(rollouts, max_tokens=4, unit="words", graded=True) == pytest.approx([1.0, 0.25, 0.0, 0.0])
     # characters, max 10: 15 chars -> 0, or graded (20 - 15) / 10 = 0.5
-    assert think_length(rollouts[:1], max_length=10, unit="chars") == [0.0]
-    assert think_length(rollouts[:1], max_length=10, unit="chars", graded=True) == pytest.approx([0.5])
-    assert think_length(rollouts[:1], max_length=15, unit="chars") == [1.0]
+    assert think_length(rollouts[:1], max_tokens=10, unit="chars") == [0.0]
+    assert think_length(rollouts[:1], max_tokens=10, unit="chars", graded=True) == pytest.approx([0.5])
+    assert think_length(rollouts[:1], max_tokens=15, unit="chars") == [1.0]
 
 
 def test_think_length_through_score_with_defaults() -> None:
     long_think = " ".join(["step"] * 201)
-    scores = score([make_rollout(think="three plus four"), make_rollout(think=long_think)],
+    scores = score([make_rollout(think="three plus four", think_tokens=3), make_rollout(think=long_think, think_tokens=201)],
                    [RewardSpec("think_length")])
-    assert scores.components == {"think_length": [1.0, 0.0]}  # default max_length 200 words
+    assert scores.components == {"think_length": [1.0, 0.0]}  # default max_tokens 200 tokens
 
 
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"unit": "tokens"}, "think_length reward: unit='tokens' is not known; use one of words, chars"),
-        ({"max_length": 0}, "think_length reward: max_length=0 must be a positive integer"),
-        ({"max_length": 2.5}, "max_length=2.5 must be a positive integer"),
+        ({"unit": "bytes"}, "think_length reward: unit='bytes' is not known; use one of tokens, words, chars"),
+        ({"max_tokens": 0}, "think_length reward: max_tokens=0 must be a positive integer"),
+        ({"max_tokens": 2.5}, "max_tokens=2.5 must be a positive integer"),
     ],
 )
 def test_think_length_rejects_bad_params(params: dict[str, Any], message: str) -> None:
