@@ -1,0 +1,460 @@
+"""Paralinguistic fidelity: does the speech have the requested rate, pitch and volume?
+
+Three steps, each a small function:
+
+1. `measure(waveform, sample_rate, text)` -> `ProsodyFeatures`: active-speech duration,
+   F0 (librosa `yin`, about 2 ms per second of audio; `pyin` took 190 ms, too slow for a
+   reward), frame energy and the speaking rate.
+2. `voice_baseline(voice)` -> `VoiceBaseline`: the same features of the voice's neutral
+   speech (espeak-ng at rate 175, pitch 50, volume 100), synthesized once per process.
+   Levels are relative to it: a female voice's "low" is near a male voice's "high".
+3. `detect_style(features, baseline)` -> {"rate": "slow", "pitch": "normal", ...}, with
+   thresholds calibrated on synthetic speech (`python -m
+   vocalign.rewards.calibrate_paralinguistic` measures them and the accuracy).
+
+The `paralinguistic` reward scores each rollout's waveform against `meta["style"]`. With
+`backend="classifier"` it scores instead with a `transformers` audio classifier's
+probability of the label in `meta[label_key]` (an emotion, say; see `audio_classifier`).
+
+Units: F0 in Hz per clip, compared in semitones (12 * log2 of a ratio); energy in dBFS
+(20 * log10 of the frame RMS, 0 dB = a full-scale square wave); rate as the log of
+measured over expected duration (`tempo_log`, 0 = the neutral speed of espeak-ng en-us).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import librosa
+import numpy as np
+from scipy.signal import find_peaks
+
+from vocalign.data.espeak import resample, synthesize, text_to_phonemes
+from vocalign.data.types import STYLE_LEVELS, Rollout
+from vocalign.rewards.registry import reward
+
+ANALYSIS_RATE = 16000
+_HOP = 160  # 10 ms frames
+_RMS_FRAME = 512  # 32 ms energy window
+_F0_FRAME = 1024  # 64 ms yin window: four periods of a 60 Hz voice
+_PERIODICITY_WINDOW = 512  # samples correlated with themselves one period later
+
+# Frames within TRIM_DB of the loudest frame (and above FLOOR_DB) are speech; silence
+# before the first and after the last such frame is trimmed.
+TRIM_DB = 35.0
+FLOOR_DB = -70.0
+# A frame is voiced when it is within VOICED_DB of the loudest frame and correlates with
+# itself one yin period later above MIN_PERIODICITY. espeak-ng vowels score 0.9+, fast
+# diphthongs ~0.6, fricatives are mostly 20-40 dB below the vowels.
+VOICED_DB = 25.0
+MIN_PERIODICITY = 0.5
+# yin locks onto strong first formants (~400 Hz) of low-pitched vowels when the search
+# range allows it, so the reward searches within a factor F0_SEARCH_FACTOR of the voice's
+# neutral F0; frames more than F0_OUTLIER_ST from the clip's median are dropped.
+F0_SEARCH_FACTOR = 2.2
+DEFAULT_F0_RANGE = (45.0, 500.0)
+F0_OUTLIER_ST = 8.0
+# Syllables from the envelope alone: peaks of the smoothed frame energy at least
+# PEAK_PROMINENCE_DB above their surroundings and PEAK_SPACING_S apart.
+PEAK_PROMINENCE_DB = 5.0
+PEAK_SPACING_S = 0.08
+# Shorter than this, a clip has no measurable prosody.
+MIN_SPEECH_S = 0.05
+
+# Expected duration of neutral speech from the phonemes of its text: seconds per stressed
+# vowel, unstressed vowel, consonant, word, plus a constant. Least squares on espeak-ng
+# en-us at rate 175 (the calibration set of calibrate_paralinguistic: 40 number phrases and
+# sentences, all pitch and volume levels); residual spread about 7 %.
+DURATION_MODEL = {"stressed": 0.135, "unstressed": 0.045, "consonant": 0.050, "word": 0.031, "constant": 0.125}
+
+# Level thresholds, relative to the voice's baseline, as (below -> first level, above ->
+# last level). Calibrated with `python -m vocalign.rewards.calibrate_paralinguistic` on
+# the policy detokenizer's speech (40 texts x 27 styles, voice en-us) and 360 perception-task
+# clips of 6 voices (f1-f3, m1-m3); each threshold is the middle of the widest gap that
+# makes the fewest errors between two adjacent levels. Held out (other texts, noise at
+# 30 dB SNR; other voices) they give 96-100 % per attribute; see that module.
+PITCH_THRESHOLDS_ST = (-2.67, 2.96)  # `f0_level_hz` vs the voice's, in semitones: low below, high above
+VOLUME_THRESHOLDS_DB = (-4.86, 2.51)  # `level_db` vs the voice's, in dB: soft below, loud above
+RATE_THRESHOLDS_LOG = (-0.20, 0.23)  # log speed vs the voice's, from the text's phonemes: slow below, fast above
+# The same without text (syllables counted as energy peaks): far less reliable, ~64 % held out.
+ENVELOPE_RATE_THRESHOLDS_LOG = (-0.08, 0.33)
+
+_VOWEL_START = re.compile(r"^[',]?[aeiouAEIOUV03@]")
+
+
+# --------------------------------------------------------------------------- measure
+
+
+@dataclass(frozen=True)
+class ProsodyFeatures:
+    """What `measure` found in one clip. Pitch fields are None without voiced frames;
+    everything but `seconds` is None for a clip with no speech.
+
+    `f0_level_hz` is the geometric mean F0 of the voiced frames (the pitch level used by
+    `detect_style`); `f0_p10_hz`/`f0_p90_hz` give its range. `level_db` is the 95th
+    percentile of the active frames' RMS in dBFS (the loud, vowel part: less dependent on
+    how many consonants a text has than the median, `energy_db`). `syllables` is counted
+    from the text's phonemes (`syllables_from_text`) or estimated from energy peaks.
+    """
+
+    seconds: float  # active speech, silence trimmed at both ends
+    f0_median_hz: float | None = None
+    f0_level_hz: float | None = None
+    f0_p10_hz: float | None = None
+    f0_p90_hz: float | None = None
+    energy_db: float | None = None
+    level_db: float | None = None
+    syllables: float | None = None
+    syllables_from_text: bool = False
+    expected_seconds: float | None = None  # neutral en-us duration of the text, None without text
+
+    @property
+    def has_speech(self) -> bool:
+        return self.seconds >= MIN_SPEECH_S and self.energy_db is not None
+
+    @property
+    def f0_range_st(self) -> float | None:
+        """10th-90th percentile F0 range in semitones."""
+        if self.f0_p10_hz is None or self.f0_p90_hz is None:
+            return None
+        return 12.0 * math.log2(self.f0_p90_hz / self.f0_p10_hz)
+
+    @property
+    def syllables_per_second(self) -> float | None:
+        if not self.has_speech or not self.syllables:
+            return None
+        return self.syllables / self.seconds
+
+    @property
+    def tempo_log(self) -> float | None:
+        """log(measured / expected duration): > 0 is slower than neutral en-us, None without text."""
+        if not self.has_speech or not self.expected_seconds:
+            return None
+        return math.log(self.seconds / self.expected_seconds)
+
+
+def measure(
+    waveform: np.ndarray | None,
+    sample_rate: int,
+    text: str | None = None,
+    *,
+    f0_range: tuple[float, float] = DEFAULT_F0_RANGE,
+) -> ProsodyFeatures:
+    """The prosody of one mono clip; `text` (what is said) makes the rate exact.
+
+    Never raises on empty, silent or very short audio: it returns features with
+    `has_speech` False.
+    """
+    if waveform is None or len(waveform) == 0:
+        return ProsodyFeatures(seconds=0.0)
+    wav = resample(np.asarray(waveform, dtype=np.float32), int(sample_rate), ANALYSIS_RATE)
+    frame_db = _frame_db(wav)
+    active = (frame_db > frame_db.max() - TRIM_DB) & (frame_db > FLOOR_DB)
+    if not active.any():
+        return ProsodyFeatures(seconds=0.0)
+    first, last = np.flatnonzero(active)[[0, -1]]
+    seconds = (last - first + 1) * _HOP / ANALYSIS_RATE
+    if seconds < MIN_SPEECH_S:
+        return ProsodyFeatures(seconds=seconds)
+    f0 = _voiced_f0(wav, frame_db, f0_range)
+    speech_db = frame_db[first : last + 1][active[first : last + 1]]
+    syllables, from_text = _syllables(text, frame_db[first : last + 1])
+    log_f0 = np.log2(f0) if len(f0) else None
+    return ProsodyFeatures(
+        seconds=seconds,
+        f0_median_hz=float(np.median(f0)) if len(f0) else None,
+        f0_level_hz=float(2.0 ** log_f0.mean()) if log_f0 is not None else None,
+        f0_p10_hz=float(np.percentile(f0, 10)) if len(f0) else None,
+        f0_p90_hz=float(np.percentile(f0, 90)) if len(f0) else None,
+        energy_db=float(np.median(speech_db)),
+        level_db=float(np.percentile(speech_db, 95)),
+        syllables=syllables,
+        syllables_from_text=from_text,
+        expected_seconds=expected_seconds(text) if text and text.strip() else None,
+    )
+
+
+def _frames(wav: np.ndarray, length: int) -> np.ndarray:
+    """(frames, length) windows centred on every hop, as librosa centres yin's."""
+    padded = np.pad(wav, (length // 2, length // 2))
+    return librosa.util.frame(padded, frame_length=length, hop_length=_HOP, axis=0)
+
+
+def _frame_db(wav: np.ndarray) -> np.ndarray:
+    rms = np.sqrt(np.mean(_frames(wav, _RMS_FRAME) ** 2, axis=1))
+    return 20.0 * np.log10(rms + 1e-10)
+
+
+def _voiced_f0(wav: np.ndarray, frame_db: np.ndarray, f0_range: tuple[float, float]) -> np.ndarray:
+    """F0 (Hz) of the voiced frames: yin, kept where the frame is periodic at yin's period."""
+    fmin, fmax = f0_range
+    if len(wav) < _F0_FRAME:
+        wav = np.pad(wav, (0, _F0_FRAME - len(wav)))
+    f0 = librosa.yin(wav, fmin=fmin, fmax=fmax, sr=ANALYSIS_RATE, frame_length=_F0_FRAME, hop_length=_HOP)
+    windows = _frames(wav, _F0_FRAME)
+    n = min(len(f0), len(windows), len(frame_db))
+    f0, windows = f0[:n], windows[:n]
+    # Correlate a window centred on the frame with the same window one period later.
+    period = np.clip(np.round(ANALYSIS_RATE / f0).astype(int), 1, _F0_FRAME - _PERIODICITY_WINDOW - 1)
+    start = np.clip(_F0_FRAME // 2 - _PERIODICITY_WINDOW // 2 - period // 2, 0, None)
+    cols = start[:, None] + np.arange(_PERIODICITY_WINDOW)[None, :]
+    rows = np.arange(n)[:, None]
+    a, b = windows[rows, cols], windows[rows, cols + period[:, None]]
+    periodicity = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+    loud = (frame_db[:n] > frame_db.max() - VOICED_DB) & (frame_db[:n] > FLOOR_DB)
+    voiced = f0[loud & (periodicity > MIN_PERIODICITY)]
+    if len(voiced) == 0:
+        return voiced
+    semitones = 12.0 * np.log2(voiced / np.median(voiced))
+    return voiced[np.abs(semitones) < F0_OUTLIER_ST]
+
+
+def _syllables(text: str | None, speech_db: np.ndarray) -> tuple[float, bool]:
+    if text and text.strip():
+        counts = phoneme_counts(text)
+        if counts["stressed"] + counts["unstressed"]:
+            return float(counts["stressed"] + counts["unstressed"]), True
+    smooth = np.convolve(speech_db, np.ones(5) / 5, mode="same")  # 50 ms
+    peaks, _ = find_peaks(
+        smooth, prominence=PEAK_PROMINENCE_DB, distance=max(1, round(PEAK_SPACING_S * ANALYSIS_RATE / _HOP))
+    )
+    return float(max(1, len(peaks))), False
+
+
+@lru_cache(maxsize=4096)
+def phoneme_counts(text: str) -> dict[str, int]:
+    """Stressed vowels, unstressed vowels, consonants and words in espeak-ng's phonemes of `text`."""
+    counts = {"stressed": 0, "unstressed": 0, "consonant": 0, "word": 0}
+    phonemes = text_to_phonemes(text)
+    for p in phonemes:
+        if p == " " or not re.search(r"[A-Za-z0-9@]", p):
+            continue
+        if _VOWEL_START.match(p):
+            counts["stressed" if p[0] in "'," else "unstressed"] += 1
+        else:
+            counts["consonant"] += 1
+    counts["word"] = phonemes.count(" ") + 1 if phonemes else 0
+    return counts
+
+
+def expected_seconds(text: str) -> float:
+    """How long espeak-ng en-us takes to say `text` at its neutral rate (DURATION_MODEL)."""
+    counts = phoneme_counts(text)
+    return DURATION_MODEL["constant"] + sum(DURATION_MODEL[k] * counts[k] for k in counts)
+
+
+# ------------------------------------------------------------------ voice baselines
+
+# What a voice's neutral speech is measured on: short number answers (as the demo's
+# policy speaks them) and sentences, so the baseline sits between their intonations.
+BASELINE_TEXTS = (
+    "seven",
+    "fourteen",
+    "twenty one",
+    "eighteen twelve",
+    "the answer is seven",
+    "what is five plus three",
+    "i can see twelve horses on the roof",
+    "the train leaves at nine fifteen",
+)
+NEUTRAL_SETTINGS = {"rate": 175, "pitch": 50, "volume": 100}  # espeak-ng's defaults
+
+
+@dataclass(frozen=True)
+class VoiceBaseline:
+    """A voice's neutral prosody: the medians of its features over BASELINE_TEXTS."""
+
+    voice: str
+    f0_hz: float
+    level_db: float
+    tempo_log: float
+    syllables_per_second: float  # from the envelope alone, for clips without text
+
+    @property
+    def f0_range(self) -> tuple[float, float]:
+        """The F0 search range for this voice's speech (see F0_SEARCH_FACTOR)."""
+        return self.f0_hz / F0_SEARCH_FACTOR, self.f0_hz * F0_SEARCH_FACTOR
+
+
+@lru_cache(maxsize=64)
+def voice_baseline(voice: str = "en-us") -> VoiceBaseline:
+    """The neutral prosody of espeak-ng voice `voice` ("en-us", "en-us+f3"), synthesized
+    and measured once per process (about 0.1 s)."""
+    clips = [synthesize(text, voice, sample_rate=ANALYSIS_RATE, **NEUTRAL_SETTINGS) for text in BASELINE_TEXTS]
+    rough = [measure(wav, ANALYSIS_RATE, text) for wav, text in zip(clips, BASELINE_TEXTS)]
+    f0_rough = float(np.median([f.f0_level_hz for f in rough if f.f0_level_hz]))
+    search = (f0_rough / F0_SEARCH_FACTOR, f0_rough * F0_SEARCH_FACTOR)
+    features = [measure(wav, ANALYSIS_RATE, text, f0_range=search) for wav, text in zip(clips, BASELINE_TEXTS)]
+    envelope = [measure(wav, ANALYSIS_RATE, f0_range=search) for wav in clips]
+    return VoiceBaseline(
+        voice=voice,
+        f0_hz=float(2.0 ** np.median([math.log2(f.f0_level_hz) for f in features if f.f0_level_hz])),
+        level_db=float(np.median([f.level_db for f in features])),
+        tempo_log=float(np.median([f.tempo_log for f in features])),
+        syllables_per_second=float(np.median([f.syllables_per_second for f in envelope])),
+    )
+
+
+# -------------------------------------------------------------------- style levels
+
+_THRESHOLDS = {"pitch": PITCH_THRESHOLDS_ST, "volume": VOLUME_THRESHOLDS_DB}
+# Graded scores fall by a factor e per this distance outside the requested level's band.
+GRADE_SCALE = {"rate": 0.15, "pitch": 2.0, "volume": 2.0}
+
+
+def relative_prosody(features: ProsodyFeatures, baseline: VoiceBaseline) -> dict[str, float]:
+    """Each measurable attribute on its axis relative to the voice, in STYLE_LEVELS order
+    (larger = the last level): pitch in semitones, volume in dB, rate as a log speed ratio
+    (> 0 = faster than the voice's neutral speech)."""
+    if not features.has_speech:
+        return {}
+    out: dict[str, float] = {}
+    if features.tempo_log is not None:
+        out["rate"] = baseline.tempo_log - features.tempo_log
+    elif features.syllables_per_second:
+        out["rate"] = math.log(features.syllables_per_second / baseline.syllables_per_second)
+    if features.f0_level_hz is not None:
+        out["pitch"] = 12.0 * math.log2(features.f0_level_hz / baseline.f0_hz)
+    if features.level_db is not None:
+        out["volume"] = features.level_db - baseline.level_db
+    return out
+
+
+def level_thresholds(attribute: str, from_text: bool = True) -> tuple[float, float]:
+    """(below -> first level, above -> last level) on `relative_prosody`'s axis."""
+    if attribute == "rate":
+        return RATE_THRESHOLDS_LOG if from_text else ENVELOPE_RATE_THRESHOLDS_LOG
+    return _THRESHOLDS[attribute]
+
+
+def detect_style(features: ProsodyFeatures, baseline: VoiceBaseline) -> dict[str, str]:
+    """The level of each attribute that can be measured ({"rate": "slow", ...}); an
+    attribute that cannot (pitch without voiced frames) is left out."""
+    style = {}
+    for attribute, value in relative_prosody(features, baseline).items():
+        low, high = level_thresholds(attribute, features.syllables_from_text)
+        levels = STYLE_LEVELS[attribute]
+        style[attribute] = levels[0] if value < low else levels[2] if value > high else levels[1]
+    return style
+
+
+def level_score(attribute: str, value: float, level: str, from_text: bool = True) -> float:
+    """1.0 inside `level`'s band, falling as exp(-distance / GRADE_SCALE) outside it."""
+    low, high = level_thresholds(attribute, from_text)
+    band = dict(zip(STYLE_LEVELS[attribute], ((-math.inf, low), (low, high), (high, math.inf))))[level]
+    distance = max(band[0] - value, value - band[1], 0.0)
+    return math.exp(-distance / GRADE_SCALE[attribute])
+
+
+# ------------------------------------------------------------------------ the reward
+
+BACKENDS = ("acoustic", "classifier")
+
+
+@reward("paralinguistic")
+def paralinguistic(
+    rollouts: list[Rollout],
+    *,
+    backend: str = "acoustic",
+    style_key: str = "style",
+    voice: str = "en-us",
+    voice_key: str | None = None,
+    graded: bool = False,
+    classifier_path: str | None = None,
+    label_key: str = "emotion",
+    classifier_score: str = "probability",
+) -> list[float | None]:
+    """Fraction of the requested style attributes (meta[style_key]) the speech has; None without a request.
+
+    acoustic (default): meta[style_key] is {attribute: level}, e.g. {"rate": "slow"};
+    levels are measured relative to the speaking voice's neutral speech: `voice` (the
+    policy detokenizer's espeak voice), or meta[voice_key] when set and present. The rate
+    uses the spoken text (`spoken_text`) when there is one. `graded` gives partial credit
+    near the requested level. A response without speech scores 0.0.
+    classifier: the probability (or, with classifier_score="argmax", 1.0 for the top
+    label) that a transformers audio classifier at `classifier_path` gives meta[label_key].
+    """
+    if backend == "classifier":
+        return _classifier_scores(rollouts, classifier_path, label_key, classifier_score)
+    if backend != "acoustic":
+        raise ValueError(f"paralinguistic: backend={backend!r} is not known; use one of {', '.join(BACKENDS)}")
+    return [_acoustic_score(r, style_key, voice, voice_key, graded) for r in rollouts]
+
+
+def _acoustic_score(rollout: Rollout, style_key: str, voice: str, voice_key: str | None, graded: bool) -> float | None:
+    requested = rollout.meta.get(style_key)
+    if not requested:
+        return None
+    _check_style(requested, rollout, style_key)
+    if rollout.waveform is None or len(rollout.waveform) == 0:
+        return 0.0
+    speaker = rollout.meta.get(voice_key) if voice_key else None
+    baseline = voice_baseline(speaker or voice)
+    text = rollout.spoken_text.strip() or None
+    features = measure(rollout.waveform, rollout.sample_rate, text, f0_range=baseline.f0_range)
+    values = relative_prosody(features, baseline)
+    detected = detect_style(features, baseline)
+    scores = []
+    for attribute, level in requested.items():
+        if attribute not in values:
+            scores.append(0.0)  # silence, or no voiced frame to take a pitch from
+        elif graded:
+            scores.append(level_score(attribute, values[attribute], level, features.syllables_from_text))
+        else:
+            scores.append(1.0 if detected[attribute] == level else 0.0)
+    return sum(scores) / len(scores)
+
+
+def _check_style(requested: object, rollout: Rollout, style_key: str) -> None:
+    where = f"paralinguistic: prompt {rollout.prompt.id!r} meta[{style_key!r}]={requested!r}"
+    if not isinstance(requested, dict):
+        raise ValueError(f"{where} must be a dict {{attribute: level}}, e.g. {{'rate': 'slow'}}")
+    for attribute, level in requested.items():
+        if attribute not in STYLE_LEVELS:
+            raise ValueError(f"{where}: attribute {attribute!r} is not known; use {', '.join(STYLE_LEVELS)}")
+        if level not in STYLE_LEVELS[attribute]:
+            raise ValueError(
+                f"{where}: {attribute} level {level!r} is not known; use {', '.join(STYLE_LEVELS[attribute])}"
+            )
+
+
+def _classifier_scores(
+    rollouts: Sequence[Rollout], classifier_path: str | None, label_key: str, classifier_score: str
+) -> list[float | None]:
+    if not classifier_path:
+        raise ValueError(
+            "paralinguistic: backend='classifier' needs classifier_path, a transformers audio-classification "
+            "model folder or hub id (AutoModelForAudioClassification + AutoFeatureExtractor)"
+        )
+    from vocalign.rewards.audio_classifier import SCORE_MODES, load_classifier
+
+    if classifier_score not in SCORE_MODES:
+        raise ValueError(
+            f"paralinguistic: classifier_score={classifier_score!r} is not known; use one of {', '.join(SCORE_MODES)}"
+        )
+    classifier = load_classifier(classifier_path)
+    scores: list[float | None] = [None] * len(rollouts)
+    heard: list[int] = []
+    for i, rollout in enumerate(rollouts):
+        label = rollout.meta.get(label_key)
+        if label is None:
+            continue
+        classifier.label_index(label)  # an unknown label fails before any audio is classified
+        if rollout.waveform is None or len(rollout.waveform) == 0:
+            scores[i] = 0.0
+        else:
+            heard.append(i)
+    if heard:
+        found = classifier.label_scores(
+            [rollouts[i].waveform for i in heard],
+            [rollouts[i].sample_rate for i in heard],
+            [rollouts[i].meta[label_key] for i in heard],
+            mode=classifier_score,
+        )
+        for i, value in zip(heard, found):
+            scores[i] = value
+    return scores
