@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                             features_of(held_a, with_text=False)),
     }
     rate = throughput(held_a)
-    print(f"\nreward throughput: {rate:.0f} rollouts/s (one thread, {np.mean([c.waveform.size for c in held_a]) / SAMPLE_RATE:.2f} s mean clip)")
+    mean_seconds = np.mean([c.waveform.size for c in held_a]) / SAMPLE_RATE
+    print(f"\nreward throughput: {rate:.0f} rollouts/s (one thread, {mean_seconds:.2f} s mean clip)")
     print(f"total time {time.perf_counter() - start:.0f} s")
     return results
 

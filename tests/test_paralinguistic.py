@@ -70,7 +70,9 @@ def test_silence_is_trimmed_from_the_duration(detok):
     assert para.measure(padded, SR).seconds == pytest.approx(para.measure(wav, SR).seconds, abs=0.011)
 
 
-@pytest.mark.parametrize("waveform", [None, np.zeros(0, np.float32), np.zeros(SR, np.float32), np.ones(320, np.float32) * 0.1])
+@pytest.mark.parametrize(
+    "waveform", [None, np.zeros(0, np.float32), np.zeros(SR, np.float32), np.ones(320, np.float32) * 0.1]
+)
 def test_empty_silent_and_very_short_clips_have_no_speech(waveform):
     features = para.measure(waveform, SR, "seven")
     assert not features.has_speech
@@ -198,7 +200,11 @@ def classifier_dir(tmp_path_factory) -> str:
 
 
 def test_classifier_backend_scores_probabilities_of_named_labels(detok, classifier_dir):
-    clips = [speak(detok, "seven"), speak(detok, "the answer is fourteen", rate="slow"), synthesize("hello", sample_rate=22050)]
+    clips = [
+        speak(detok, "seven"),
+        speak(detok, "the answer is fourteen", rate="slow"),
+        synthesize("hello", sample_rate=22050),
+    ]
     rows = [
         rollout(clips[0], {"emotion": "happy"}),
         rollout(clips[1], {"emotion": "SAD"}),  # labels match case-insensitively
