@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vocalign.rewards import RewardSpec
+from vocalign.rewards.reward_model import RewardModelConfig, reward_model_problems
 
 
 @dataclass
@@ -99,6 +100,8 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     description: str = ""
+    # what the recipe trains: a policy (SFT, then GRPO) or a preference reward model (`reward_model` section)
+    kind: Literal["policy", "reward_model"] = "policy"
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +110,7 @@ class Recipe:
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -125,6 +129,8 @@ def check_recipe(recipe: Recipe) -> None:
             "grpo.kl_coef > 0 needs grpo.lora.enabled=true for now: the reference model is the base "
             "with the adapters disabled (a frozen full-weight reference is not built yet); set grpo.kl_coef=0"
         )
+    if recipe.kind == "reward_model":
+        problems += reward_model_problems(recipe.reward_model)
     if problems:
         raise ValueError("recipe problems:\n  " + "\n  ".join(problems))
     check_rewards(recipe.rewards)

@@ -97,6 +97,10 @@ def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
 
 def train(recipe: Recipe, recipe_name: str) -> Path:
     """Run a recipe end to end; returns the run folder."""
+    if recipe.kind == "reward_model":
+        from .reward_model_job import train_reward_model_job  # it imports this module
+
+        return train_reward_model_job(recipe, recipe_name)
     check_recipe(recipe)
     seed_everything(recipe.run.seed)
     run_dir = run_folder(recipe, recipe_name)
