@@ -90,9 +90,14 @@ def evaluate(
     return score(rollouts, recipe.rewards, reward_workers).metrics()
 
 
+_ENDS = {"first 10%": (0.0, 0.1), "last 10%": (0.9, 1.0)}
+
+
 def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
+    """The mean of rows[key] over the steps from fraction `lo` to `hi` of the stage (NaN-free values only)."""
     part = rows[int(lo * len(rows)) : max(int(lo * len(rows)) + 1, int(hi * len(rows)))]
-    return float(np.mean([r[key] for r in part]))
+    values = [r[key] for r in part if not np.isnan(r[key])]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def train(recipe: Recipe, recipe_name: str) -> Path:
@@ -156,15 +161,19 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
                 if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
                     save_checkpoint(policy, run_dir, step, {"stage": "grpo", "lora_config": lora}, recipe.run.keep_last)
+            # the total and each reward component, over the first and the last 10% of steps
+            keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean"]
             summary["grpo"] = {
-                "reward/mean first 10%": _mean_of(rows, "reward/mean", 0.0, 0.1),
-                "reward/mean last 10%": _mean_of(rows, "reward/mean", 0.9, 1.0),
+                **{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()},
                 "eval": evaluate(worker, held_out, recipe, reward_workers),
             }
             g = summary["grpo"]
+            components = ", ".join(
+                f"{k.removeprefix('reward/')} {g[k + ' first 10%']:.3f} -> {g[k + ' last 10%']:.3f}" for k in keys[1:]
+            )
             say(
                 f"GRPO reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
-                f"{g['reward/mean last 10%']:.3f}; greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
+                f"{g['reward/mean last 10%']:.3f} ({components}); greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
             )
         summary["time_s"] = time.perf_counter() - started
         tracker.summary(summary)

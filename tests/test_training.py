@@ -186,7 +186,10 @@ def test_summary(run_dir: Path) -> None:
     assert summary["parameters"] == sum(p.numel() for p in embedded_policy(0).model.parameters())
     assert summary["skipped_rows"] == {}
     assert {"reward/mean", "reward/correctness"} <= summary["sft"].keys()
-    assert summary["grpo"].keys() == {"reward/mean first 10%", "reward/mean last 10%", "eval"}
+    # the total and each reward component, at both ends of the stage
+    assert summary["grpo"].keys() == {
+        f"reward/{name} {end}" for name in ("mean", "correctness", TEXT_REWARD) for end in ("first 10%", "last 10%")
+    } | {"eval"}
     assert {"reward/mean", "reward/correctness"} <= summary["grpo"]["eval"].keys()
     assert summary["time_s"] > 0
 
@@ -197,6 +200,9 @@ def test_summary_reward_means_come_from_the_first_and_last_steps(run_dir: Path, 
     # 10% of 3 steps rounds to none; each end is then its single step
     assert grpo["reward/mean first 10%"] == pytest.approx(rewards[0])
     assert grpo["reward/mean last 10%"] == pytest.approx(rewards[-1])
+    lengths = [row[f"reward/{TEXT_REWARD}"] for row in metrics[SFT_STEPS:]]
+    assert grpo[f"reward/{TEXT_REWARD} first 10%"] == pytest.approx(lengths[0])
+    assert grpo[f"reward/{TEXT_REWARD} last 10%"] == pytest.approx(lengths[-1])
 
 
 def test_reward_curve_is_a_png(run_dir: Path) -> None:
