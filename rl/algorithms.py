@@ -35,13 +35,18 @@ def clipped_policy_loss(
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_kl: float | None = None) -> torch.Tensor:
     """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy.
 
-    Written as expm1(d) - d: in float32, exp(d) - 1 cancels to 0 for small d.
+    Written as expm1(d) - d: in float32, exp(d) - 1 cancels to 0 for small d. The
+    estimate grows like exp(d) on a sampled token the policy has learned to avoid but the
+    reference likes (d = 8 gives about 2,970), so a single such token can swamp a
+    batch's loss; `max_kl` caps each token's estimate there (its gradient is then 0), as
+    verl's "low_var_kl" does at 10.
     """
     d = ref_logprobs - logprobs
-    return torch.expm1(d) - d
+    kl = torch.expm1(d) - d
+    return kl if max_kl is None else kl.clamp(max=max_kl)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

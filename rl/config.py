@@ -76,6 +76,7 @@ class GRPOConfig:
     minibatches: int = 1  # optimiser steps per rollout batch (the batch split into this many parts)
     clip_eps: float = 0.2  # PPO clip range of the importance ratio
     kl_coef: float = 0.0  # weight of the k3 KL to the reference in the loss; 0 loads no reference
+    kl_max: float = 10.0  # cap on each token's k3 estimate (it explodes on tokens the policy avoids)
     scale_rewards: bool = True  # divide group advantages by the group's reward std
     temperature: float = 1.0
     top_p: float = 1.0

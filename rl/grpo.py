@@ -75,7 +75,7 @@ class GRPOTrainer:
             if cfg.kl_coef > 0:
                 with torch.no_grad(), self.policy.reference():
                     ref = self.policy.logprobs(batch, cfg.temperature)
-                token_kl = kl_k3(logprobs, ref)
+                token_kl = kl_k3(logprobs, ref, cfg.kl_max)
                 token_loss = token_loss + cfg.kl_coef * token_kl
                 kl = masked_mean(token_kl.detach(), mask)
             loss = masked_mean(token_loss, mask)

@@ -107,6 +107,19 @@ def test_k3_is_accurate_for_small_differences() -> None:
     torch.testing.assert_close(kl_k3(torch.zeros(3), d), d**2 / 2, rtol=1e-3, atol=0)
 
 
+def test_k3_cap_limits_only_the_exploding_tokens() -> None:
+    # policy 1e-4 on a token the reference gives 0.3: d = ln 3000, k3 = 3000 - ln 3000 - 1 = 2990.99
+    logprobs = torch.log(torch.tensor([1e-4, 0.5]))
+    ref = torch.log(torch.tensor([0.3, 0.25]))
+    uncapped = kl_k3(logprobs, ref)
+    assert float(uncapped[0]) == pytest.approx(3000 - math.log(3000) - 1, rel=1e-4)
+    logprobs.requires_grad_(True)
+    capped = kl_k3(logprobs, ref, max_kl=10.0)
+    assert float(capped[0]) == 10.0 and float(capped[1]) == pytest.approx(float(uncapped[1]))
+    capped.sum().backward()
+    assert float(logprobs.grad[0]) == 0.0 and float(logprobs.grad[1]) != 0.0  # the capped token pushes no gradient
+
+
 def test_k3_averaged_over_the_policy_is_the_exact_kl() -> None:
     # policy (0.5, 0.5), reference (0.25, 0.75):
     # KL(policy || ref) = 0.5 ln(0.5 / 0.25) + 0.5 ln(0.5 / 0.75) = 0.143841
