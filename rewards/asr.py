@@ -109,7 +109,7 @@ class WhisperASR:
         try:
             self.processor = WhisperProcessor.from_pretrained(path)
             self.model = WhisperForConditionalGeneration.from_pretrained(path).to(device).eval()
-        except OSError as error:
+        except (OSError, ValueError) as error:  # a missing folder or file; a malformed hub id
             raise ValueError(
                 f"whisper ASR: cannot load a Whisper model and processor from {path!r} ({error}); give `path` "
                 "as a local folder saved with save_pretrained (model + processor) or a hub id such as "
