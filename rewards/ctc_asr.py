@@ -3,8 +3,8 @@
 Why it exists: rewards that listen to the policy's speech need ASR that runs offline on a
 CPU, and generic recognizers fail on espeak-ng speech (pocketsphinx: WER ~0.8). The
 domain is closed (the words of `vocalign.data.synthetic`'s tasks, `VOCABULARY`), so a
-recognizer trained from scratch on synthesized speech is small (~0.7M parameters, fp16)
-and fast.
+recognizer trained from scratch on synthesized speech is small (0.61M parameters, 1.2 MB
+in fp16) and fast (~5 ms per clip on one CPU core, batched).
 
 Model: 80-bin log-mel (10 ms hop), two stride-2 convolutions (40 ms frames), a 2-layer
 bidirectional GRU and one output per word plus the CTC blank; greedy decoding.
@@ -16,7 +16,7 @@ voices x voice variants, rate/pitch/volume drawn across and beyond `STYLE_SETTIN
 The variants in `HELD_OUT_VARIANTS` are never used for training, so `evaluate` measures
 voices the recognizer has not heard.
 
-    python -m vocalign.rewards.ctc_asr train --out rewards/assets --minutes 8 --seed 0
+    python -m vocalign.rewards.ctc_asr train --out rewards/assets --minutes 20 --seed 0
     python -m vocalign.rewards.ctc_asr evaluate [--weights rewards/assets]
 """
 
@@ -307,8 +307,8 @@ class EmbeddedRecognizer:
 
 
 def save(model: CTCRecognizer, folder: Path, provenance: dict) -> None:
-    """fp16 weights (half the size; the fp32 model's transcripts do not change) and a JSON
-    with the config, vocabulary and how the weights were made."""
+    """fp16 weights (half the size of fp32; `load` computes in fp32) and a JSON with the
+    config, vocabulary and how the weights were made."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     info = {"model": {**asdict(model.config), "vocabulary": list(model.config.vocabulary)}, "training": provenance}
@@ -323,7 +323,7 @@ class TrainConfig:
     """How `train` makes its data and trains; the learning rate warms up for 100 steps, stays
     at its peak for the first half of the time budget, then follows a cosine to zero."""
 
-    minutes: float = 8.0
+    minutes: float = 20.0  # the shipped weights: 20 min on one core, ~3,900 steps
     seed: int = 0
     utterances: int = 12000
     batch_size: int = 32
