@@ -100,6 +100,8 @@ def test_wheel_installs_imports_and_runs_cli(tmp_path: Path) -> None:
     packaged = sorted(n.rsplit("/", 1)[1] for n in names
                       if n.startswith("vocalign/recipes/") and n.endswith(".yaml"))
     assert packaged == recipes
+    # the embedded recognizer's weights ship with the rewards
+    assert {"vocalign/rewards/assets/ctc_asr.safetensors", "vocalign/rewards/assets/ctc_asr.json"} <= set(names)
 
     venv = tmp_path / "venv"
     python = make_overlay_venv(venv, env)
@@ -126,6 +128,19 @@ def test_wheel_installs_imports_and_runs_cli(tmp_path: Path) -> None:
         assert module_file.is_relative_to(venv.resolve()), module_file
     assert sorted(p.name for p in recipe_files) == recipes
     assert all(p.is_relative_to(venv.resolve()) for p in recipe_files), recipe_files
+
+    # The recognizer loads from the wheel's own files and hears a clip.
+    asr = (
+        "import numpy as np\n"
+        "from vocalign.rewards.asr import get_asr\n"
+        "from vocalign.rewards.ctc_asr import ASSETS\n"
+        "from vocalign.model.detokenizer import EspeakUnitDetokenizer\n"
+        "d = EspeakUnitDetokenizer()\n"
+        "print(ASSETS)\n"
+        "print(get_asr('embedded').transcribe([d.render(d.encode('seven')).waveform], 16000)[0])\n"
+    )
+    assets, heard = run([str(python), "-c", asr], env=env, cwd=tmp_path).stdout.splitlines()[-2:]
+    assert Path(assets).resolve().is_relative_to(venv.resolve()) and heard == "seven"
 
     # The console script the wheel installed runs.
     result = run([str(venv / "bin" / "vocalign"), "--help"], env=env, cwd=tmp_path)
