@@ -107,6 +107,7 @@ _PLACES = ("table", "floor", "shelf", "bed", "desk", "roof")
 _ANIMALS = ("cats", "dogs", "birds", "fish", "horses", "ducks")
 _DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _MINUTES = ("fifteen", "thirty", "forty five")
+_SLOT_WORDS = _COLOURS + _THINGS + _PLACES + _ANIMALS + _DAYS + _MINUTES
 
 _ONES = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -263,7 +264,7 @@ def transcription(
     rng = np.random.default_rng(seed)
     prompts, clips = [], []
     for i in range(n):
-        text = _sentence(rng)
+        text = sentence(rng)
         clips.append(_draw_clip(rng, text, speakers, SpeechStyle()))
         prompts.append(
             Prompt(
@@ -314,7 +315,7 @@ def perception(
         attribute = attributes[int(rng.integers(len(attributes)))]
         choices = PERCEPTION_CHOICES[attribute]
         label = choices[int(rng.integers(len(choices)))]
-        text = _sentence(rng)
+        text = sentence(rng)
         style = SpeechStyle() if attribute == "gender" else SpeechStyle(**{attribute: label})
         pool = by_gender[label] if attribute == "gender" else speakers
         clip = _draw_clip(rng, text, pool, style)
@@ -344,7 +345,7 @@ def styled_speech(n: int, seed: int, *, max_attributes: int = 1) -> list[Prompt]
     rng = np.random.default_rng(seed)
     prompts = []
     for i in range(n):
-        text = _sentence(rng)
+        text = sentence(rng)
         style = _draw_style(rng, max_attributes)
         prompts.append(
             Prompt(
@@ -420,7 +421,8 @@ def _draw_style(rng: np.random.Generator, max_attributes: int) -> dict[str, str]
     return style
 
 
-def _sentence(rng: np.random.Generator) -> str:
+def sentence(rng: np.random.Generator) -> str:
+    """A random template sentence of the transcription, perception and styled-speech tasks."""
     template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
 
     def pick(options: Sequence[str]) -> str:
@@ -441,6 +443,12 @@ def _sentence(rng: np.random.Generator) -> str:
         "d3": number_to_words(int(rng.integers(10))),
     }
     return template.format(**slots)
+
+
+def sentence_words() -> set[str]:
+    """Every word `sentence` can say, besides the numbers it draws (2-12, 1-12, 10-35, 0-9)."""
+    fixed = {w for t in _TEMPLATES for w in t.split() if not w.startswith("{")}
+    return fixed | {w for phrase in _SLOT_WORDS for w in phrase.split()}
 
 
 @dataclass(frozen=True)

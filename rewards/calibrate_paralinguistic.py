@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vocalign.data.synthetic import FEMALE_VOICES, MALE_VOICES, _sentence, number_to_words, perception
+from vocalign.data.synthetic import FEMALE_VOICES, MALE_VOICES, number_to_words, perception, sentence
 from vocalign.data.types import STYLE_LEVELS, Message, Prompt, Rollout, SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
 from vocalign.rewards import paralinguistic as para
@@ -55,7 +55,7 @@ def answer_texts(rng: np.random.Generator, count: int, exclude: set[str] = froze
         lambda: number_to_words(int(rng.integers(0, 100))),
         lambda: f"{number_to_words(int(rng.integers(0, 20)))} {number_to_words(int(rng.integers(0, 20)))}",
         lambda: f"the answer is {number_to_words(int(rng.integers(0, 20)))}",
-        lambda: _sentence(rng),
+        lambda: sentence(rng),
     )
     texts: list[str] = []
     while len(texts) < count:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vocalign.data.espeak import Voice, available_variants, resample, synthesize
-from vocalign.data.synthetic import STYLE_PHRASES, number_to_words, style_phrase
+from vocalign.data.synthetic import STYLE_PHRASES, number_to_words, sentence, sentence_words, style_phrase
 from vocalign.data.types import STYLE_LEVELS, SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
 
@@ -52,22 +52,6 @@ HOP, N_FFT = 160, 400  # 10 ms frames of 25 ms windows
 # --- the domain ----------------------------------------------------------------------
 
 _NUMBER_WORDS = [number_to_words(n) for n in range(20)] + [number_to_words(10 * n) for n in range(2, 10)]
-# Slot words of the synthetic templates (data/synthetic.py); kept here, with the vocabulary,
-# because the shipped weights are tied to exactly these words.
-_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
-_THINGS = ("ball", "book", "cup", "hat", "box", "key", "chair", "lamp")
-_PLACES = ("table", "floor", "shelf", "bed", "desk", "roof")
-_ANIMALS = ("cats", "dogs", "birds", "fish", "horses", "ducks")
-_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_TEMPLATES = (
-    "the {colour} {thing} is on the {place}",
-    "i can see {count} {animals}",
-    "the train leaves at {hour} {minutes}",
-    "we meet again on {day}",
-    "please paint the {thing} {colour}",
-    "it is {degrees} degrees today",
-    "my number ends in {d1} {d2} {d3}",
-)
 _LABELS = ("slow", "normal", "fast", "low", "high", "soft", "loud", "female", "male")
 _PERCEPTION = ("is the speech slow normal or fast", "is the voice low normal or high",
                "is the speech soft normal or loud", "is the voice female or male", "transcribe the audio")
@@ -80,10 +64,9 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(set(
     " ".join([
         *_NUMBER_WORDS, "hundred thousand minus what is plus the answer",
         *(p for phrases in STYLE_PHRASES.values() for p in phrases.values()), "and",
-        *_COLOURS, *_THINGS, *_PLACES, *_ANIMALS, *_DAYS, *_TEMPLATES, *_LABELS, *_PERCEPTION,
-    ]).replace("{", " {").replace("}", "} ").split()
-) - {"{" + slot + "}" for slot in ("colour", "thing", "place", "count", "animals", "hour", "minutes", "day",
-                                   "degrees", "d1", "d2", "d3")}))
+        *sentence_words(), *_LABELS, *_PERCEPTION,
+    ]).split()
+)))
 
 # English base voices x espeak-ng variants make the speakers. These variants (about one
 # in ten, whispered, robotic and default-task voices among them) are never trained on.
@@ -121,12 +104,7 @@ def random_sentence(rng: np.random.Generator) -> str:
     if kind < 0.5:
         return ("the answer is " if rng.random() < 0.3 else "") + _number(rng)
     if kind < 0.75:
-        pick = lambda words: str(rng.choice(words))  # noqa: E731
-        digit = lambda lo, hi: number_to_words(int(rng.integers(lo, hi)))  # noqa: E731
-        return str(rng.choice(_TEMPLATES)).format(
-            colour=pick(_COLOURS), thing=pick(_THINGS), place=pick(_PLACES), animals=pick(_ANIMALS),
-            day=pick(_DAYS), minutes=pick(("fifteen", "thirty", "forty five")), count=digit(2, 13),
-            hour=digit(1, 13), degrees=digit(10, 36), d1=digit(0, 10), d2=digit(0, 10), d3=digit(0, 10))
+        return sentence(rng)
     if kind < 0.85:
         return str(rng.choice(_LABELS + _PERCEPTION))
     return " ".join(rng.choice(VOCABULARY, size=int(rng.integers(1, 9))))
