@@ -196,7 +196,8 @@ def arithmetic(
     the requested style; "normal" without a request) or "random" (every attribute at a
     level drawn uniformly, whatever was asked: varied delivery that follows no request,
     which leaves following requests to RL). With `think`, the target first reasons in
-    <think>: it writes out the question it heard ("three plus four"), then answers.
+    <think>: it writes out the question it heard and the style asked for ("three plus
+    four", "three plus four answer slowly"), then answers.
     With the defaults every clip fits MAX_CLIP_SECONDS; larger operands or several
     spoken style requests make longer questions, and a clip over `max_seconds` is an
     error.
@@ -239,7 +240,7 @@ def arithmetic(
                 meta=meta,
                 target=Response(
                     text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**spoken_style),
-                    think=f"{number_to_words(a)} {op} {number_to_words(b)}" if think else None,
+                    think=" ".join(filter(None, [f"{number_to_words(a)} {op} {number_to_words(b)}", request])) if think else None,
                 ),
             )
         )

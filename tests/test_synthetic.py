@@ -226,7 +226,7 @@ def test_a_clip_over_max_seconds_is_an_error_that_says_what_to_change():
 
 
 def test_styled_arithmetic_can_ask_in_text_and_targets_can_ignore_the_request():
-    prompts = arithmetic(90, seed=3, styled=True, style_in="text", target_style="random")
+    prompts = arithmetic(90, seed=3, styled=True, style_in="text", target_style="random", think=True)
     (spoken,) = arithmetic(1, seed=3, styled=True)
     # the request is the human turn's text, and the spoken question is the plain one
     assert "?" not in prompts[0].meta["question"]
@@ -235,6 +235,9 @@ def test_styled_arithmetic_can_ask_in_text_and_targets_can_ignore_the_request():
     for p in prompts:
         (attr, level), = p.meta["style"].items()
         assert p.messages[-1].content == f"answer {STYLE_PHRASES[attr][level]}"
+        # the reasoning restates the question and the request: "three plus four answer slowly"
+        a, b = p.meta["operands"]
+        assert p.target.think == f"{number_to_words(a)} {p.meta['op']} {number_to_words(b)} {p.messages[-1].content}"
         for a in STYLE_LEVELS:
             seen_levels[a].add(getattr(p.target.style, a))
     # random targets: every level of every attribute shows up, requested or not
