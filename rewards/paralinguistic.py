@@ -353,6 +353,8 @@ def level_score(attribute: str, value: float, level: str, from_text: bool = True
 # ------------------------------------------------------------------------ the reward
 
 BACKENDS = ("acoustic", "classifier")
+# What text the speaking rate is measured against (see `paralinguistic`).
+RATE_TEXTS = ("transcript", "spoken_text", "none")
 
 
 @reward("paralinguistic")
@@ -367,14 +369,20 @@ def paralinguistic(
     classifier_path: str | None = None,
     label_key: str = "emotion",
     classifier_score: str = "probability",
+    rate_text: str = "transcript",
+    asr: str = "embedded",
 ) -> list[float | None]:
     """Fraction of the requested style attributes (meta[style_key]) the speech has; None without a request.
 
     acoustic (default): meta[style_key] is {attribute: level}, e.g. {"rate": "slow"};
     levels are measured relative to the speaking voice's neutral speech: `voice` (the
-    policy detokenizer's espeak voice), or meta[voice_key] when set and present. The rate
-    uses the spoken text (`spoken_text`) when there is one. `graded` gives partial credit
-    near the requested level. A response without speech scores 0.0.
+    policy detokenizer's espeak voice), or meta[voice_key] when set and present. The
+    rate compares the speech's duration with the duration of the words said, taken from
+    `rate_text`: "transcript" (what the `asr` recognizer hears in the waveform, one
+    batched call), "spoken_text" (the text the policy wrote beside its audio tokens: a
+    policy can game it by speaking fewer or more sounds than it writes) or "none"
+    (energy peaks alone, less accurate). `graded` gives partial credit near the
+    requested level. A response without speech scores 0.0.
     classifier: the probability (or, with classifier_score="argmax", 1.0 for the top
     label) that a transformers audio classifier at `classifier_path` gives meta[label_key].
     """
@@ -382,10 +390,36 @@ def paralinguistic(
         return _classifier_scores(rollouts, classifier_path, label_key, classifier_score)
     if backend != "acoustic":
         raise ValueError(f"paralinguistic: backend={backend!r} is not known; use one of {', '.join(BACKENDS)}")
-    return [_acoustic_score(r, style_key, voice, voice_key, graded) for r in rollouts]
+    if rate_text not in RATE_TEXTS:
+        raise ValueError(f"paralinguistic: rate_text={rate_text!r} is not known; use one of {', '.join(RATE_TEXTS)}")
+    texts = _rate_texts(rollouts, style_key, rate_text, asr)
+    return [_acoustic_score(r, text, style_key, voice, voice_key, graded) for r, text in zip(rollouts, texts)]
 
 
-def _acoustic_score(rollout: Rollout, style_key: str, voice: str, voice_key: str | None, graded: bool) -> float | None:
+def _rate_texts(rollouts: Sequence[Rollout], style_key: str, rate_text: str, asr: str) -> list[str | None]:
+    """The words each rollout said, for its rate; transcribed only where a rate is requested."""
+    if rate_text == "none":
+        return [None] * len(rollouts)
+    if rate_text == "spoken_text":
+        return [r.spoken_text.strip() or None for r in rollouts]
+    from vocalign.rewards.asr import get_asr
+
+    texts: list[str | None] = [None] * len(rollouts)
+    asks = [
+        i for i, r in enumerate(rollouts)
+        if isinstance(r.meta.get(style_key), dict) and "rate" in r.meta[style_key]
+        and r.waveform is not None and len(r.waveform) > 0
+    ]
+    if asks:
+        clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, 16000) for i in asks]
+        for i, heard in zip(asks, get_asr(asr).transcribe(clips, 16000)):
+            texts[i] = heard.strip() or None
+    return texts
+
+
+def _acoustic_score(
+    rollout: Rollout, text: str | None, style_key: str, voice: str, voice_key: str | None, graded: bool
+) -> float | None:
     requested = rollout.meta.get(style_key)
     if not requested:
         return None
@@ -394,7 +428,6 @@ def _acoustic_score(rollout: Rollout, style_key: str, voice: str, voice_key: str
         return 0.0
     speaker = rollout.meta.get(voice_key) if voice_key else None
     baseline = voice_baseline(speaker or voice)
-    text = rollout.spoken_text.strip() or None
     features = measure(rollout.waveform, rollout.sample_rate, text, f0_range=baseline.f0_range)
     values = relative_prosody(features, baseline)
     detected = detect_style(features, baseline)

@@ -171,6 +171,17 @@ def test_bad_style_requests_name_the_row(detok, style, message):
     assert "'p0'" in str(error.value)
 
 
+def test_the_rate_reads_what_was_heard_not_what_the_policy_wrote(detok):
+    # "fourteen" said at a normal rate, but the policy wrote "four" beside it: against the
+    # written text the speech is far too long for its words ("slow"); the recognizer hears
+    # "fourteen", and against that the rate is normal
+    row = rollout(speak(detok, "fourteen"), {"style": {"rate": "normal"}}, "four")
+    assert para.paralinguistic([row], rate_text="spoken_text") == [0.0]
+    assert para.paralinguistic([row]) == [1.0]  # rate_text="transcript", the default
+    with pytest.raises(ValueError, match="rate_text='words' is not known; use one of transcript, spoken_text, none"):
+        para.paralinguistic([row], rate_text="words")
+
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="backend='emotion' is not known; use one of acoustic, classifier"):
         para.paralinguistic([], backend="emotion")
