@@ -72,6 +72,7 @@ class GRPOConfig:
     group_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 0
+    lr_decay: Literal["constant", "linear"] = "constant"  # linear: down to 0 at the last step
     grad_clip: float = 1.0
     minibatches: int = 1  # optimiser steps per rollout batch (the batch split into this many parts)
     clip_eps: float = 0.2  # PPO clip range of the importance ratio

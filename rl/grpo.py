@@ -21,6 +21,14 @@ from .algorithms import clipped_policy_loss, group_normalized_advantages, kl_k3,
 from .config import GRPOConfig
 
 
+def grpo_lr(config: GRPOConfig, step: int) -> float:
+    """The learning rate of GRPO step `step` (0-based): linear warm-up, then constant or a linear decay to 0."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_decay == "linear":
+        warm *= max(0.0, 1.0 - step / max(1, config.steps))
+    return config.lr * warm
+
+
 class GRPOTrainer:
     def __init__(
         self, policy: Policy, worker: RolloutWorker, rewards: list[RewardSpec], config: GRPOConfig, seed: int,
@@ -55,7 +63,7 @@ class GRPOTrainer:
         #    steps; after the first, the clipped ratio keeps the update near the sampler
         encoded = self._encoded_audio([r.prompt for r in rollouts])
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = grpo_lr(cfg, step)
         self.policy.model.train()
         stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "clip_frac": [], "neg_logprob": [], "tokens": []}
         order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step)).tolist()
