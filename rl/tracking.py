@@ -122,7 +122,7 @@ class RunTracker:
         options: LoggingOptions,
         *,
         resume_id: str | None = None,
-        reward_keys: Sequence[str] = ("reward/mean",),
+        reward_keys: Sequence[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -132,7 +132,8 @@ class RunTracker:
         self.wandb_mode: WandbMode = resolve_wandb_mode(options)
         self.wandb_run_id: str | None = None
         self.wandb_dir: Path | None = None  # this run's folder inside run_dir/wandb
-        self.reward_keys = tuple(reward_keys)
+        # None: the total and every reward component found in the metrics (`reward/<name>`)
+        self.reward_keys = None if reward_keys is None else tuple(reward_keys)
         self._recipe = redact_secrets(dict(recipe))
         self._options = options
         self._resume_id = resume_id
@@ -227,8 +228,17 @@ class RunTracker:
             if self.wandb_mode == "offline":
                 logger.info("W&B run saved offline; upload it with: wandb sync %s", self.wandb_dir)
         rows = read_metrics(self.metrics_path)
-        if any(_finite_number(row.get(key)) for row in rows for key in self.reward_keys):
-            plot_rewards(self.reward_curve_path, rows, keys=self.reward_keys)
+        keys = self.reward_keys or reward_components(rows)
+        if any(_finite_number(row.get(key)) for row in rows for key in keys):
+            plot_rewards(self.reward_curve_path, rows, keys=keys)
+
+
+def reward_components(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """`reward/mean` and each `reward/<name>` of the rows (not their /std, /failed, ...), in first-seen order."""
+    keys = {"reward/mean": None}
+    for row in rows:
+        keys.update((k, None) for k in row if k.startswith("reward/") and k.count("/") == 1)
+    return tuple(keys)
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:
@@ -340,13 +350,13 @@ def plot_rewards(
         for key, points in series.items():
             steps = [step for step, _ in points]
             values = [value for _, value in points]
-            (raw,) = axis.plot(steps, values, linewidth=1, alpha=0.35, label=key)
+            (raw,) = axis.plot(steps, values, linewidth=1, alpha=0.3)  # per step, faint
             axis.plot(
                 steps,
                 moving_average(values, window),
                 color=raw.get_color(),
                 linewidth=2,
-                label=f"{key}, mean of last {window}",
+                label=f"{key.removeprefix('reward/')} (mean of last {window})",
             )
         axis.set_title(f"{by}: {group}" if group else "all steps")
         axis.set_xlabel("step")

@@ -22,6 +22,7 @@ from vocalign.rl.tracking import (
     TrackingError,
     moving_average,
     plot_rewards,
+    reward_components,
     read_metrics,
     redact_argv,
     resolve_wandb_mode,
@@ -340,5 +341,6 @@ def test_plot_rewards_draws_one_panel_per_stage(tmp_path: Path) -> None:
     assert png_size(two_keys) == (1000, 360)
     assert one_key.read_bytes() != two_keys.read_bytes()
     assert png_size(plot_rewards(tmp_path / "flat.png", rows, by="none")) == (500, 360)
+    assert reward_components(rows) == ("reward/mean", "reward/asr")
     with pytest.raises(ValueError, match="no metrics row has a number for reward/kl"):
         plot_rewards(tmp_path / "none.png", rows, keys=("reward/kl",))
