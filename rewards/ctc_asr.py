@@ -171,7 +171,7 @@ def _mel_filters(n_mels: int) -> torch.Tensor:
 def log_mel(waveform: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     """[frames, n_mels] log-mel of a 16 kHz clip, floored 80 dB under its peak and scaled
     to zero mean and unit variance, so that loudness does not change the features."""
-    wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+    wav = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: arrays from Ray are read-only
     if len(wav) < N_FFT:
         wav = torch.nn.functional.pad(wav, (0, N_FFT - len(wav)))
     power = torch.stft(wav, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs() ** 2
