@@ -21,18 +21,122 @@ def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale: b
     return adv.reshape(-1)
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the *other* samples of its group.
+
+    Equal to G / (G - 1) times the reward minus the group mean (Ahmadian et al., 2024).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: leave-one-out needs at least 2 samples per group")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++: rewards normalised over the whole batch (no groups, no critic)."""
+    return (rewards - rewards.mean()) / (rewards.std() + eps)
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens ([B, T]) for PPO with a critic.
+
+    `rewards[b, t]` is the reward after token t (usually the sequence reward on its last
+    token, minus any per-token KL); `values` are the critic's estimates; the value after
+    the last response token is 0. Returns (advantages, returns = advantages + values),
+    zero where `mask` is 0.
+    """
+    mask = mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token ([B, T]) and whether each token was clipped.
 
-    `advantages` is per sequence ([B]) and applies to every token of it.
+    `advantages` is per sequence ([B]) and applies to every token of it. The ratio is
+    clipped to [1 - clip_eps, 1 + clip_high]; `clip_high` defaults to `clip_eps`, and a
+    larger one (DAPO's "clip-higher", e.g. 0.28 with 0.2) leaves unlikely tokens more
+    room to grow.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(-1)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    clipped = ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * adv
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def gspo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    clip_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO: PPO's clipped surrogate on a sequence-level ratio (Zheng et al., 2025).
+
+    Each sequence's ratio is the geometric mean of its token ratios,
+    exp(mean over its tokens of logprob - old_logprob); every token of the sequence
+    carries it (its gradient flows through each token's logprob). Returns the per-token
+    loss ([B, T]) and whether each sequence was clipped ([B]).
+    """
+    mask = mask.to(logprobs.dtype)
+    log_ratio = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    seq_ratio = torch.exp(log_ratio)
+    unclipped = seq_ratio * advantages
+    clipped = seq_ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * advantages
+    per_sequence = -torch.minimum(unclipped, clipped)
+    return per_sequence.unsqueeze(-1).expand_as(logprobs) * mask, clipped < unclipped
+
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm: int | None = None) -> torch.Tensor:
+    """One loss from per-token losses ([B, T]) over the tokens where `mask` is 1.
+
+    - `token-mean`: the mean over every token of the batch (long responses weigh more);
+    - `seq-mean-token-mean`: each sequence's token mean, then the mean over sequences
+      (GRPO's original form);
+    - `seq-mean-token-sum-norm`: each sequence's token sum divided by a constant `norm`
+      (default: T, the padded length), then the mean over sequences (Dr.GRPO: no length bias).
+    """
+    mask = mask.to(token_loss.dtype)
+    if mode == "token-mean":
+        return masked_mean(token_loss, mask)
+    per_sequence = (token_loss * mask).sum(-1)
+    if mode == "seq-mean-token-mean":
+        return (per_sequence / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (per_sequence / (norm or token_loss.shape[-1])).mean()
+    raise ValueError(f"loss aggregation {mode!r} is not known; use one of {', '.join(AGGREGATIONS)}")
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(policy || reference) per token: log policy - log reference (unbiased, can be negative)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 estimator per token: (log policy - log reference)^2 / 2 (biased, low variance, never negative)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_kl: float | None = None) -> torch.Tensor:
@@ -52,3 +156,28 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_kl: float | No
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the tokens where `mask` is 1 (token-mean aggregation)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class FixedKLController:
+    """A constant KL weight."""
+
+    def __init__(self, coef: float) -> None:
+        self.coef = coef
+
+    def update(self, kl: float, n_steps: int) -> float:
+        return self.coef
+
+
+class AdaptiveKLController:
+    """Keeps the measured KL near `target` (Ziegler et al., 2019): after each batch the
+    weight is multiplied by 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0 (got target={target}, horizon={horizon})")
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + error * n_steps / self.horizon
+        return self.coef

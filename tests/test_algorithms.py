@@ -115,7 +115,7 @@ def test_k3_cap_limits_only_the_exploding_tokens() -> None:
     assert float(uncapped[0]) == pytest.approx(3000 - math.log(3000) - 1, rel=1e-4)
     logprobs.requires_grad_(True)
     capped = kl_k3(logprobs, ref, max_kl=10.0)
-    assert float(capped[0]) == 10.0 and float(capped[1]) == pytest.approx(float(uncapped[1]))
+    assert float(capped[0].detach()) == 10.0 and float(capped[1].detach()) == pytest.approx(float(uncapped[1]))
     capped.sum().backward()
     assert float(logprobs.grad[0]) == 0.0 and float(logprobs.grad[1]) != 0.0  # the capped token pushes no gradient
 
@@ -161,3 +161,110 @@ def test_grpo_learning_rate_schedules() -> None:
     linear = GRPOConfig(steps=10, lr=1e-3, lr_decay="linear")
     # step s of 10 runs at lr * (1 - s / 10): 1e-3 at the first step, 1e-4 at the last
     assert [grpo_lr(linear, s) for s in (0, 5, 9)] == pytest.approx([1e-3, 5e-4, 1e-4])
+
+
+# --- the GRPO family and PPO: estimators, losses, aggregation, KL controllers --------------
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples() -> None:
+    from vocalign.rl.algorithms import rloo_advantages
+
+    # groups of 2: [1, 0] -> [1 - 0, 0 - 1]; [0, 1] -> [-1, 1]
+    assert rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2).tolist() == [1.0, -1.0, -1.0, 1.0]
+    # a group of 3, [3, 0, 0]: 3 - 0 = 3; 0 - (3 + 0) / 2 = -1.5 (twice)
+    assert rloo_advantages(torch.tensor([3.0, 0.0, 0.0]), 3).tolist() == [3.0, -1.5, -1.5]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        rloo_advantages(torch.tensor([1.0]), 1)
+
+
+def test_reinforce_pp_normalises_over_the_batch() -> None:
+    from vocalign.rl.algorithms import batch_normalized_advantages
+
+    # mean 2, sample std 1
+    torch.testing.assert_close(batch_normalized_advantages(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]),
+                               rtol=0, atol=1e-5)
+
+
+def test_gae_hand_computed() -> None:
+    from vocalign.rl.algorithms import gae_advantages
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.4, 9.0]])  # 9.0 sits on padding: never used
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # lam = 1, gamma = 1: advantages are Monte Carlo returns minus values: 1 - 0.5 everywhere
+    advantages, returns = gae_advantages(rewards[:1], values[:1], mask[:1], gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0]]))
+    # lam = 0.5. Row 0: deltas (0, 0, 0.5) -> A = (0.125, 0.25, 0.5).
+    # Row 1: t1 delta = 1 + 0 - 0.4 = 0.6; t0 delta = 0 + 0.4 - 0.2 = 0.2, A0 = 0.2 + 0.5 * 0.6 = 0.5
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.125, 0.25, 0.5], [0.5, 0.6, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.625, 0.75, 1.0], [0.7, 1.0, 0.0]]))
+
+
+def test_asymmetric_clipping() -> None:
+    # ratio 1.25 with advantage +1: clipped at 1.2 by clip_eps 0.2, inside 1 + 0.28
+    logprobs, old = torch.log(torch.tensor([[1.25]])), torch.zeros(1, 1)
+    loss, clipped = clipped_policy_loss(logprobs, old, torch.tensor([1.0]), 0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipped.item()
+    loss, clipped = clipped_policy_loss(logprobs, old, torch.tensor([1.0]), 0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and not clipped.item()
+    # ratio 0.7 with advantage -1: min(-0.7, -0.8) = -0.8, the lower clip still applies
+    loss, clipped = clipped_policy_loss(torch.log(torch.tensor([[0.7]])), old, torch.tensor([-1.0]), 0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(0.8) and clipped.item()
+
+
+def test_gspo_uses_one_ratio_per_sequence() -> None:
+    from vocalign.rl.algorithms import gspo_policy_loss
+
+    # token ratios 1.1 and 1.3 (and a padding token): the sequence ratio is sqrt(1.1 * 1.3) = 1.195826
+    logprobs = torch.log(torch.tensor([[1.1, 1.3, 5.0], [1.3, 1.3, 1.0]]))
+    old, mask = torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, clipped = gspo_policy_loss(logprobs, old, torch.tensor([1.0, 1.0]), mask, 0.2)
+    ratio = math.sqrt(1.1 * 1.3)
+    # row 1: ratios 1.3, 1.3, 1.0 -> (1.3^2)^(1/3) = 1.191 inside the clip range
+    row1 = (1.3 * 1.3) ** (1 / 3)
+    torch.testing.assert_close(loss, torch.tensor([[-ratio, -ratio, 0.0], [-row1, -row1, -row1]]))
+    assert clipped.tolist() == [False, False]
+    loss, clipped = gspo_policy_loss(torch.log(torch.tensor([[1.3, 1.3]])), torch.zeros(1, 2), torch.tensor([1.0]),
+                                     torch.ones(1, 2), 0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, -1.2]]))
+    assert clipped.tolist() == [True]
+
+
+def test_loss_aggregations() -> None:
+    from vocalign.rl.algorithms import aggregate_loss
+
+    token_loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_loss(token_loss, mask).item() == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
+    assert aggregate_loss(token_loss, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)  # (2 + 4) / 2
+    # sums 6 and 4, each over the padded length 3: (2 + 4/3) / 2
+    assert aggregate_loss(token_loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(5 / 3)
+    assert aggregate_loss(token_loss, mask, "seq-mean-token-sum-norm", norm=4).item() == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="'sum' is not known; use one of token-mean"):
+        aggregate_loss(token_loss, mask, "sum")
+
+
+def test_k1_and_k2_hand_computed() -> None:
+    from vocalign.rl.algorithms import kl_k1, kl_k2
+
+    # policy 0.5, reference 0.25: k1 = ln 2, k2 = (ln 2)^2 / 2
+    logprobs, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    assert kl_k1(logprobs, ref).item() == pytest.approx(math.log(2))
+    assert kl_k2(logprobs, ref).item() == pytest.approx(math.log(2) ** 2 / 2)
+    assert kl_k1(ref, logprobs).item() == pytest.approx(-math.log(2))  # k1 can be negative; k2 cannot
+    assert kl_k2(ref, logprobs).item() == pytest.approx(math.log(2) ** 2 / 2)
+
+
+def test_kl_controllers() -> None:
+    from vocalign.rl.algorithms import AdaptiveKLController, FixedKLController
+
+    assert FixedKLController(0.1).update(kl=5.0, n_steps=32) == 0.1
+    adaptive = AdaptiveKLController(0.1, target=1.0, horizon=10)
+    # KL twice the target: error clipped to +0.2, weight x (1 + 0.2 * 1 / 10)
+    assert adaptive.update(kl=2.0, n_steps=1) == pytest.approx(0.102)
+    # KL half the target: error -0.5 clipped to -0.2, weight x (1 - 0.2 * 5 / 10)
+    assert adaptive.update(kl=0.5, n_steps=5) == pytest.approx(0.102 * 0.9)
+    with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
