@@ -61,6 +61,15 @@ def gae_advantages(
     return advantages, (advantages + values) * mask
 
 
+def _clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, clip_high: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_high) * A), and where the clip won."""
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
 def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -75,11 +84,7 @@ def clipped_policy_loss(
     larger one (DAPO's "clip-higher", e.g. 0.28 with 0.2) leaves unlikely tokens more
     room to grow.
     """
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(-1)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * adv
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+    return _clipped_surrogate(torch.exp(logprobs - old_logprobs), advantages.unsqueeze(-1), clip_eps, clip_high)
 
 
 def gspo_policy_loss(
@@ -99,11 +104,8 @@ def gspo_policy_loss(
     """
     mask = mask.to(logprobs.dtype)
     log_ratio = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    seq_ratio = torch.exp(log_ratio)
-    unclipped = seq_ratio * advantages
-    clipped = seq_ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * advantages
-    per_sequence = -torch.minimum(unclipped, clipped)
-    return per_sequence.unsqueeze(-1).expand_as(logprobs) * mask, clipped < unclipped
+    per_sequence, clipped = _clipped_surrogate(torch.exp(log_ratio), advantages, clip_eps, clip_high)
+    return per_sequence.unsqueeze(-1).expand_as(logprobs) * mask, clipped
 
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
