@@ -5,19 +5,31 @@ from __future__ import annotations
 import torch
 
 
-def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages: each reward minus its group's mean, divided by the group's std when `scale`.
+STD_SCOPES = ("group", "batch")
+
+
+def group_normalized_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6, std_scope: str = "group"
+) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by a reward std when `scale`.
 
     `rewards` is flat, grouped by prompt ([P * group_size]); the result has the same shape.
+    `std_scope` picks the std: "group" (GRPO: each group's own) or "batch" (one std of all
+    the rewards, "Lite PPO", TRL's scale_rewards="batch"), which keeps a group whose
+    rewards barely differ from having its tiny differences blown up to unit size.
+    `eps` keeps a group with equal rewards at 0 instead of 0 / 0 (TRL uses 1e-4).
     """
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: a group needs at least 2 samples to normalise within")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if std_scope not in STD_SCOPES:
+        raise ValueError(f"std_scope={std_scope!r} is not known; use one of {', '.join(STD_SCOPES)}")
     grouped = rewards.view(-1, group_size)
     adv = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+        std = grouped.std(dim=1, keepdim=True) if std_scope == "group" else rewards.std()
+        adv = adv / (std + eps)
     return adv.reshape(-1)
 
 
@@ -62,12 +74,21 @@ def gae_advantages(
 
 
 def _clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, clip_high: float | None
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, clip_high: float | None, ratio_max: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_high) * A), and where the clip won."""
+    """-min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_high) * A), and where the clip changed the loss.
+
+    `ratio_max` also caps the unclipped ratio ("dual clip", TRL's `delta`): with a
+    negative advantage the plain min keeps ratio * A however large the ratio grows, so one
+    token the policy has come to like far more than the sampler did can dominate the
+    loss; the cap bounds it. It should exceed 1 + clip_high, and then only changes tokens
+    with A < 0 and ratio > ratio_max.
+    """
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_high is None else clip_high)) * advantages
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
+    capped = unclipped if ratio_max is None else ratio.clamp(max=ratio_max) * advantages
+    surrogate = torch.minimum(capped, clipped)
+    return -surrogate, surrogate != unclipped
 
 
 def clipped_policy_loss(
@@ -76,15 +97,24 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     clip_eps: float,
     clip_high: float | None = None,
+    ratio_max: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token ([B, T]) and whether each token was clipped.
 
     `advantages` is per sequence ([B]) and applies to every token of it. The ratio is
     clipped to [1 - clip_eps, 1 + clip_high]; `clip_high` defaults to `clip_eps`, and a
     larger one (DAPO's "clip-higher", e.g. 0.28 with 0.2) leaves unlikely tokens more
-    room to grow.
+    room to grow. `ratio_max` caps the ratio of negative-advantage tokens (dual clip).
     """
-    return _clipped_surrogate(torch.exp(logprobs - old_logprobs), advantages.unsqueeze(-1), clip_eps, clip_high)
+    return _clipped_surrogate(
+        torch.exp(logprobs - old_logprobs), advantages.unsqueeze(-1), clip_eps, clip_high, ratio_max
+    )
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean token log-ratio over its `mask`ed tokens ([B]): the log of GSPO's ratio."""
+    mask = mask.to(logprobs.dtype)
+    return ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def gspo_policy_loss(
@@ -94,6 +124,7 @@ def gspo_policy_loss(
     mask: torch.Tensor,
     clip_eps: float,
     clip_high: float | None = None,
+    ratio_max: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO: PPO's clipped surrogate on a sequence-level ratio (Zheng et al., 2025).
 
@@ -103,18 +134,29 @@ def gspo_policy_loss(
     loss ([B, T]) and whether each sequence was clipped ([B]).
     """
     mask = mask.to(logprobs.dtype)
-    log_ratio = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    per_sequence, clipped = _clipped_surrogate(torch.exp(log_ratio), advantages, clip_eps, clip_high)
+    log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)
+    per_sequence, clipped = _clipped_surrogate(torch.exp(log_ratio), advantages, clip_eps, clip_high, ratio_max)
     return per_sequence.unsqueeze(-1).expand_as(logprobs) * mask, clipped
 
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm: int | None = None) -> torch.Tensor:
+def aggregate_loss(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    norm: int | None = None,
+    token_count: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """One loss from per-token losses ([B, T]) over the tokens where `mask` is 1.
 
     - `token-mean`: the mean over every token of the batch (long responses weigh more);
+      `token_count`, when given, replaces this batch's token count as the divisor: pass
+      the count of the whole optimiser step (all its micro-batches, and ranks when the
+      gradients are summed) so that every token weighs the same however the step is split
+      into micro-batches (DAPO; TRL's `num_items_in_batch`). Without it, each micro-batch
+      is its own token mean (TRL's "bnpo");
     - `seq-mean-token-mean`: each sequence's token mean, then the mean over sequences
       (GRPO's original form);
     - `seq-mean-token-sum-norm`: each sequence's token sum divided by a constant `norm`
@@ -122,7 +164,13 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "to
     """
     mask = mask.to(token_loss.dtype)
     if mode == "token-mean":
-        return masked_mean(token_loss, mask)
+        if token_count is None:
+            return masked_mean(token_loss, mask)
+        if float(token_count) <= 0:
+            raise ValueError(f"token_count={float(token_count)} must be positive: it is the step's number of response tokens")
+        return (token_loss * mask).sum() / token_count
+    if token_count is not None:
+        raise ValueError(f"token_count is the divisor of token-mean aggregation; loss aggregation {mode!r} does not use it")
     per_sequence = (token_loss * mask).sum(-1)
     if mode == "seq-mean-token-mean":
         return (per_sequence / mask.sum(-1).clamp(min=1)).mean()
@@ -153,6 +201,20 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_kl: float | No
     d = ref_logprobs - logprobs
     kl = torch.expm1(d) - d
     return kl if max_kl is None else kl.clamp(max=max_kl)
+
+
+def importance_weighted_kl(token_kl: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """A per-token KL estimate ([B, T]) weighted by the importance ratio pi / pi_old.
+
+    The responses were sampled from the old policy, not the current one, so the k3
+    estimate's gradient is a biased estimate of the reverse KL's gradient once they
+    differ; weighting by the ratio corrects it (DeepSeek-V3.2; TRL's
+    `use_bias_correction_kl`, on by default there). The ratio is differentiable, so this
+    changes the gradient even on-policy, where its value is 1: it adds kl * grad(logprob).
+    `log_ratio` is per token ([B, T]) or per sequence ([B, 1], e.g. GSPO's
+    `sequence_log_ratio(...).unsqueeze(-1)`).
+    """
+    return token_kl * torch.exp(log_ratio)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
