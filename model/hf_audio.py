@@ -136,6 +136,10 @@ class Qwen2AudioLM(nn.Module):
         )
         return self.lm_head(out.last_hidden_state), out.cache
 
+    def hidden_states(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        """The language model's last hidden states [B, T, H] (no LM head): what a value head reads."""
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
     # -- save / load -------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
         """Save as a standard Qwen2-Audio checkpoint (weights and config; the tokenizer is saved apart).

@@ -128,6 +128,7 @@ class Policy:
         self.tokenizer = tokenizer
         self.detokenizer = detokenizer
         self.lora = False
+        self._reference: nn.Module | None = None  # full weights: a frozen copy (keep_reference)
 
     # -- inputs --------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[Prompt], train_encoder: bool = False) -> PromptBatch:
@@ -221,9 +222,38 @@ class Policy:
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
         """Per-token log-probabilities of the response tokens under `temperature`: [B, R]."""
+        return self.logprobs_and_entropy(batch, temperature, entropy=False)[0]
+
+    def logprobs_and_entropy(
+        self, batch: SequenceBatch, temperature: float = 1.0, entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probabilities [B, R] and, when `entropy`, the entropy of each
+        token's distribution [B, R] (no gradient: it is logged, not trained on)."""
         logits = self.response_logits(batch).float() / temperature
         targets = batch.input_ids[:, batch.prompt_len :]
-        return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+        logp = F.log_softmax(logits, dim=-1)
+        taken = torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+        if not entropy:
+            return taken, None
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1) * batch.response_mask
+        return taken, ent
+
+    def response_hidden_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """The decoder's last hidden states at the positions that predict each response token: [B, R, H]."""
+        P = batch.prompt_len
+        embeds = torch.cat([
+            self.model.input_embeddings(batch.input_ids[:, :P], batch.encoded),
+            self.model.input_embeddings(batch.input_ids[:, P:], None),
+        ], dim=1)
+        hidden = self.model.hidden_states(embeds, batch.attention_mask, _positions(batch.attention_mask))
+        return hidden[:, P - 1 : -1]
+
+    def audio_token_mask(self, batch: SequenceBatch) -> torch.Tensor:
+        """1.0 where a response token is an audio token, else 0.0: [B, R]."""
+        t = self.tokenizer
+        targets = batch.input_ids[:, batch.prompt_len :]
+        return ((targets >= t.audio_offset) & (targets < t.audio_offset + t.n_audio)).float() * batch.response_mask
 
     # -- LoRA and trainable state --------------------------------------------------------
     def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
@@ -265,10 +295,28 @@ class Policy:
         if unexpected:
             raise ValueError(f"trainable state has keys this policy does not: {unexpected[:5]}")
 
+    def keep_reference(self) -> None:
+        """Keep a frozen copy of the current weights as the KL reference of a full-weight policy.
+
+        Under LoRA nothing is copied: the reference is the base with the adapters disabled.
+        """
+        if self.lora or self._reference is not None:
+            return
+        import copy
+
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self._reference = ref
+
     @contextlib.contextmanager
     def reference(self):
-        """The reference model: under LoRA, the base model with the adapters disabled."""
-        if not self.lora:
-            raise RuntimeError("a full-weight policy has no built-in reference; keep a frozen copy instead")
-        with self.model.lm.disable_adapter():
-            yield self
+        """The reference model: under LoRA, the base model with the adapters disabled;
+        with full weights, the frozen copy made by `keep_reference`."""
+        if self.lora:
+            with self.model.lm.disable_adapter():
+                yield self
+            return
+        if self._reference is None:
+            raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
+        yield Policy(self._reference, self.tokenizer, self.detokenizer)

@@ -164,6 +164,11 @@ class StepAudio2Model(nn.Module):
         )
         return out.logits, out.cache
 
+    def hidden_states(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H] (no LM head): what a value head reads."""
+        decoder = self.lm.get_decoder()  # through a peft wrapper too; its LoRA layers are inside
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
     # -- save / load -------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

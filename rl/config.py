@@ -18,7 +18,9 @@ class RunConfig:
     output_dir: str | None = None  # default: runs/<name>-<timestamp>
     seed: int = 0
     save_every: int = 50  # checkpoint every N steps of a stage (and at its end)
-    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    keep_last: int = 2  # the newest N checkpoints are kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N (0: none)
+    resume: bool = False  # continue from the latest checkpoint in run.output_dir
     progress: bool = True  # progress bars
 
 
@@ -66,23 +68,71 @@ class LoRAConfig:
 
 
 @dataclass
-class GRPOConfig:
+class DeepSpeedConfig:
+    zero_stage: int = 2  # ZeRO stage 1, 2 or 3
+    config: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: the policy's architecture with a scalar value head, its own optimiser."""
+
+    lr: float = 1e-3  # Step-Audio 2 used 2.5e-6 (actor 1e-6) on its 8B model
+    warmup_steps: int = 0
+    value_clip: float = 0.2  # clip each value's move from its rollout-time estimate (0: no clipping)
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE's lambda
+    lora: bool = True  # under rl.lora.enabled, train the critic's own adapter + head, not all its weights
+
+
+@dataclass
+class RLConfig:
+    algorithm: Literal["grpo", "ppo"] = "grpo"  # grpo: the GRPO family (group advantages, no critic); ppo: GAE with a critic
     steps: int = 100
     prompts_per_step: int = 16
-    group_size: int = 8
+    group_size: int = 8  # responses per prompt (PPO may use 1)
+    advantage: Literal["group", "rloo", "reinforce++"] = "group"  # the GRPO family's estimator
+    # group advantages: divide by the std of each group (GRPO), of the whole batch, or not at all (Dr.GRPO)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill from later prompts
+    dynamic_sampling_tries: int = 3  # extra rollout rounds to refill a batch before training on fewer groups
     lr: float = 1e-3
     warmup_steps: int = 0
     lr_decay: Literal["constant", "linear"] = "constant"  # linear: down to 0 at the last step
     grad_clip: float = 1.0
-    minibatches: int = 1  # optimiser steps per rollout batch (the batch split into this many parts)
-    clip_eps: float = 0.2  # PPO clip range of the importance ratio
-    kl_coef: float = 0.0  # weight of the k3 KL to the reference in the loss; 0 loads no reference
-    kl_max: float = 10.0  # cap on each token's k3 estimate (it explodes on tokens the policy avoids)
-    scale_rewards: bool = True  # divide group advantages by the group's reward std
+    epochs: int = 1  # passes over each rollout batch (PPO: several)
+    minibatches: int = 1  # optimiser steps per epoch (the batch split into this many parts)
+    grad_accum: int = 1  # micro-batches per minibatch: gradients accumulate, one optimiser step
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    backend: Literal["torch", "deepspeed"] = "torch"  # deepspeed: full weights through ZeRO (rl.lora.enabled=false)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+
+@dataclass
+class LossConfig:
+    policy: Literal["ppo", "gspo"] = "ppo"  # ppo: token-level clipped ratio (GRPO, DAPO); gspo: sequence-level ratio
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # DAPO's clip-higher: e.g. 0.28
+    ratio_max: float | None = None  # dual clip: cap the ratio of negative-advantage tokens (TRL's delta)
+    audio_token_weight: float = 1.0  # weight of audio tokens' loss relative to text tokens'
+    mask_truncated: bool = False  # responses cut by max_new_tokens get no loss (DAPO's overlong filtering)
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.0  # 0: no KL and no reference model
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    mode: Literal["loss", "reward"] = "loss"  # a loss term, or subtracted from the reward (per token for PPO)
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    target: float = 0.05  # adaptive: the KL per token to hold
+    horizon: int = 1000  # adaptive: how fast the coefficient moves
+    max: float = 10.0  # cap on each token's estimate (k3 explodes on tokens the policy learned to avoid)
+    importance_weighted: bool = False  # loss mode: weight each token's KL by its ratio to the sampler (TRL's default)
 
 
 @dataclass
@@ -97,6 +147,8 @@ class LoggingConfig:
     project: str = "vocalign"
     entity: str | None = None
     run_name: str | None = None
+    audio_every: int = 25  # every N RL steps, a table of generated speech with prompts, transcripts, rewards (0: never)
+    audio_samples: int = 4  # rows of that table
 
 
 @dataclass
@@ -108,7 +160,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -120,17 +174,29 @@ def check_recipe(recipe: Recipe) -> None:
     from vocalign.rewards import check_rewards
 
     problems = []
-    if recipe.grpo.group_size < 2:
-        problems.append(f"grpo.group_size={recipe.grpo.group_size}: GRPO normalises rewards within a group, use 2 or more")
-    for key in ("run.keep_last", "run.save_every", "grpo.prompts_per_step", "grpo.minibatches", "sft.batch_size"):
+    rl = recipe.rl
+    if rl.algorithm == "grpo" and rl.group_size < 2:
+        problems.append(f"rl.group_size={rl.group_size}: GRPO normalises rewards within a group, use 2 or more")
+    for key in ("run.keep_last", "run.save_every", "rl.prompts_per_step", "rl.minibatches", "rl.epochs", "rl.grad_accum",
+                "rl.group_size", "sft.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(recipe, section), name) < 1:
             problems.append(f"{key}={getattr(getattr(recipe, section), name)} must be at least 1")
-    if recipe.grpo.steps > 0 and recipe.grpo.kl_coef > 0 and not recipe.grpo.lora.enabled:
+    if rl.minibatches * rl.grad_accum > rl.prompts_per_step * rl.group_size:
         problems.append(
-            "grpo.kl_coef > 0 needs grpo.lora.enabled=true for now: the reference model is the base "
-            "with the adapters disabled (a frozen full-weight reference is not built yet); set grpo.kl_coef=0"
+            f"rl.minibatches={rl.minibatches} x rl.grad_accum={rl.grad_accum} is more than the "
+            f"{rl.prompts_per_step * rl.group_size} responses of a step; lower them"
         )
+    if rl.backend == "deepspeed" and rl.lora.enabled:
+        problems.append("rl.backend=deepspeed trains full weights: set rl.lora.enabled=false (LoRA trains on rl.backend=torch)")
+    if rl.deepspeed.zero_stage not in (1, 2, 3):
+        problems.append(f"rl.deepspeed.zero_stage={rl.deepspeed.zero_stage}: use 1, 2 or 3")
+    if not 0 <= recipe.loss.clip_low < 1 or recipe.loss.clip_high < 0:
+        problems.append(f"loss.clip_low={recipe.loss.clip_low} must be in [0, 1) and loss.clip_high={recipe.loss.clip_high} >= 0")
+    if recipe.kl.coef < 0:
+        problems.append(f"kl.coef={recipe.kl.coef} must be >= 0")
+    if rl.algorithm == "ppo" and rl.advantage != "group":
+        problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
     if recipe.kind == "reward_model":
         problems += reward_model_problems(recipe.reward_model)
     if problems:

@@ -340,8 +340,9 @@ def _show(value: Any) -> str:
 
 # --- writing --------------------------------------------------------------------------
 
-# Fields named like these hold credentials. `token` counts only as a whole word, so
-# `max_new_tokens` and `tokenizer` stay, and tokenizer special tokens are not secrets.
+# Fields named like these hold credentials. `token` counts only as the last whole word
+# (`token`, `hf_token`, `access_token`), so `max_new_tokens`, `tokenizer` and
+# `audio_token_weight` stay, and tokenizer special tokens are not secrets.
 _SECRET_PARTS = ("api_key", "apikey", "password", "passwd", "secret")
 _SPECIAL_TOKENS = {"bos", "eos", "pad", "unk", "sep", "cls", "mask"}
 
@@ -352,7 +353,7 @@ def is_secret_key(name: str) -> bool:
     if any(part in lowered for part in _SECRET_PARTS):
         return True
     words = [word for word in re.split(r"[^a-z0-9]+", lowered) if word]
-    return "token" in words and not (len(words) == 2 and words[0] in _SPECIAL_TOKENS)
+    return bool(words) and words[-1] == "token" and not (len(words) == 2 and words[0] in _SPECIAL_TOKENS)
 
 
 def redact_secrets(data: Any) -> Any:

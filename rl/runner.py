@@ -1,13 +1,20 @@
 """The run loop: one readable driver from a recipe to a trained policy.
 
     recipe -> run folder (config.yaml) -> policy -> data
-    -> SFT warm start (full weights)            [optional]
-    -> GRPO on the LoRA adapter (encoder frozen)
+    -> SFT warm start (full weights)                       [optional]
+    -> RL: GRPO family or PPO with a critic, on a LoRA adapter or full weights
+       (torch or DeepSpeed ZeRO), the audio encoder frozen
     -> metrics.jsonl / W&B each step, checkpoints, summary.json, reward_curve.png
+
+With `run.resume=true` it continues from the latest checkpoint in `run.output_dir`:
+weights, optimiser, RNG states, data position and W&B run, so that the resumed run is
+the run that was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import time
 from datetime import datetime
@@ -26,12 +33,13 @@ from vocalign.rewards import score
 from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.worker import RolloutWorker
 
-from .checkpoint import save_base, save_checkpoint
+from .checkpoint import ADAPTER_NAME, latest_checkpoint, read_state, restore_rng, save_base, save_checkpoint
 from .config import Recipe, TaskSpec, check_recipe
-from .grpo import GRPOTrainer
+from .critic import ValueModel
 from .recipe import to_dict
 from .sft import SFTTrainer
-from .tracking import RunTracker
+from .tracking import RunTracker, read_metrics
+from .trainer import PromptCursor, RLTrainer
 
 GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
@@ -80,13 +88,14 @@ def build_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt], list[Prompt]
 
 def evaluate(
     worker: RolloutWorker, prompts: list[Prompt], recipe: Recipe, reward_workers: RewardWorkers | None = None,
-    batch_size: int = 64,
+    batch_size: int = 64, gather=contextlib.nullcontext,
 ) -> dict[str, float]:
     """Greedy responses to held-out prompts, scored by the recipe's rewards."""
-    sampling = Sampling(GREEDY_TEMPERATURE, 1.0, recipe.grpo.max_new_tokens)
+    sampling = Sampling(GREEDY_TEMPERATURE, 1.0, recipe.rl.max_new_tokens)
     rollouts = []
-    for i in range(0, len(prompts), batch_size):
-        rollouts += worker.generate(prompts[i : i + batch_size], 1, sampling, seed=0)
+    with gather():
+        for i in range(0, len(prompts), batch_size):
+            rollouts += worker.generate(prompts[i : i + batch_size], 1, sampling, seed=0)
     return score(rollouts, recipe.rewards, reward_workers).metrics()
 
 
@@ -100,6 +109,30 @@ def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _prepare_folder(recipe: Recipe, run_dir: Path) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from (None: start afresh) and its state; refuses to mix runs."""
+    if recipe.run.resume:
+        if not recipe.run.output_dir:
+            raise ValueError("run.resume=true needs run.output_dir=DIR: the folder of the run to continue")
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            tqdm.write(f"run.resume=true: {run_dir} has no checkpoint yet; starting from the beginning")
+            return None, {}
+        state = read_state(latest)
+        # metrics logged after the checkpoint belong to steps that run again
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return latest, state
+    if latest_checkpoint(run_dir) is not None:
+        raise ValueError(
+            f"run.output_dir={run_dir} already holds checkpoints of a run; pass run.resume=true to continue it, "
+            "or choose another run.output_dir"
+        )
+    return None, {}
+
+
 def train(recipe: Recipe, recipe_name: str) -> Path:
     """Run a recipe end to end; returns the run folder."""
     if recipe.kind == "reward_model":
@@ -109,73 +142,119 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
     check_recipe(recipe)
     seed_everything(recipe.run.seed)
     run_dir = run_folder(recipe, recipe_name)
+    resume_from, state = _prepare_folder(recipe, run_dir)
     started = time.perf_counter()
-    with RunTracker(run_dir, to_dict(recipe), recipe.logging) as tracker, RewardWorkers() as reward_workers:
-        say = tqdm.write
+    say = tqdm.write
+    tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
+    with tracker, RewardWorkers() as reward_workers:
         say(f"run folder: {run_dir}")
+        if resume_from:
+            say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
         policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
         n_params = sum(p.numel() for p in policy.model.parameters())
         say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters")
         t = time.perf_counter()
         sft_prompts, rl_prompts, held_out, skipped = build_data(recipe)
         say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out ({time.perf_counter() - t:.1f} s)")
-        worker = RolloutWorker(policy, render_speech=recipe.rollouts.render_speech)
-        summary: dict = {"parameters": n_params, "skipped_rows": skipped}
-        step = 0
+        summary: dict = state.get("summary") or {"parameters": n_params, "skipped_rows": skipped}
+        step = state.get("step", 0)
+        run = recipe.run
+
+        def checkpoint_state(stage: str, stage_step: int, **more) -> dict:
+            return {"stage": stage, "stage_step": stage_step, "wandb_id": tracker.wandb_run_id, "summary": summary, **more}
 
         # -- stage 1: supervised warm start ------------------------------------------
-        if recipe.sft.steps > 0:
+        sft_done = state.get("stage") == "rl" or (state.get("stage") == "sft" and state["stage_step"] >= recipe.sft.steps)
+        if resume_from and state["stage"] == "sft":
+            policy = load_policy(resume_from)
+        if recipe.sft.steps > 0 and not sft_done:
             cfg = recipe.sft
-            sft = SFTTrainer(policy, sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, recipe.run.seed)
-            bar = tqdm(range(cfg.steps), desc="sft", disable=not recipe.run.progress, dynamic_ncols=True)
+            sft = SFTTrainer(policy, sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, run.seed)
+            first = 0
+            if resume_from:
+                sft.load(resume_from)
+                restore_rng(resume_from)
+                first = state["stage_step"]
+            bar = tqdm(range(first, cfg.steps), desc="sft", disable=not run.progress, dynamic_ncols=True,
+                       initial=first, total=cfg.steps)
             for i in bar:
                 t = time.perf_counter()
                 metrics = sft.step(i)
                 step += 1
                 tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            summary["sft"] = evaluate(worker, held_out, recipe, reward_workers)
-            say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
-            save_checkpoint(policy, run_dir, step, {"stage": "sft"}, recipe.run.keep_last)
+                if i + 1 == cfg.steps:
+                    summary["sft"] = evaluate(RolloutWorker(policy, recipe.rollouts.render_speech), held_out, recipe, reward_workers)
+                    say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
+                if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
+                    save_checkpoint(policy, run_dir, step, checkpoint_state("sft", i + 1), run.keep_last, run.keep_every, extra=sft.save)
 
-        # -- stage 2: GRPO on the LoRA adapter ---------------------------------------
-        cfg = recipe.grpo
+        # -- stage 2: RL (GRPO family or PPO) -----------------------------------------
+        cfg = recipe.rl
         if cfg.steps > 0:
             lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
-            if lora:
+            resuming_rl = resume_from is not None and state["stage"] == "rl"
+            if resuming_rl:
+                policy = load_policy(run_dir / "checkpoints" / "base" if lora else resume_from)
+            elif lora:
                 save_base(policy, run_dir)  # adapter checkpoints refer to it
+            critic = None
+            if cfg.algorithm == "ppo":
+                critic = ValueModel(policy, lora if cfg.critic.lora else None)
+                critic.body.encoder.requires_grad_(False)
+            if lora:
                 policy.enable_lora(**lora)
             policy.freeze_encoder()
-            grpo = GRPOTrainer(policy, worker, recipe.rewards, cfg, recipe.run.seed, reward_workers)
-            order = np.random.default_rng(recipe.run.seed).permutation(len(rl_prompts))
-            rows = []
-            bar = tqdm(range(cfg.steps), desc="grpo", disable=not recipe.run.progress, dynamic_ncols=True)
+            if resuming_rl and lora:
+                from safetensors.torch import load_file
+
+                policy.load_trainable_state(load_file(str(resume_from / ADAPTER_NAME)))
+            worker = RolloutWorker(policy, render_speech=recipe.rollouts.render_speech)
+            trainer = RLTrainer(policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, run.seed, reward_workers, critic)
+            cursor = PromptCursor(rl_prompts, run.seed)
+            first, rows = 0, []
+            if resuming_rl:
+                trainer.load_state(state, resume_from)
+                cursor.position = state["cursor"]
+                first = state["stage_step"]
+                rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+                restore_rng(resume_from)
+            say(f"RL: {cfg.algorithm}, {'LoRA r=%d' % cfg.lora.r if lora else 'full weights'}, backend {cfg.backend}"
+                + (f" (ZeRO-{cfg.deepspeed.zero_stage})" if cfg.backend == "deepspeed" else ""))
+            bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm, disable=not run.progress, dynamic_ncols=True,
+                       initial=first, total=cfg.steps)
             for i in bar:
-                picks = [order[(i * cfg.prompts_per_step + k) % len(order)] for k in range(cfg.prompts_per_step)]
                 t = time.perf_counter()
-                metrics, _ = grpo.step([rl_prompts[j] for j in picks], i)
+                metrics, _ = trainer.step(cursor, i)
                 step += 1
-                row = {"stage": "grpo", **metrics, "time/step_s": time.perf_counter() - t}
+                row = {"stage": "rl", **metrics, "time/step_s": time.perf_counter() - t}
                 tracker.log(row, step=step)
-                rows.append(row)
+                rows.append({**row, "step": step})
+                if recipe.logging.audio_every and (i + 1) % recipe.logging.audio_every == 0 and trainer.last_samples:
+                    samples, scores = trainer.last_samples
+                    tracker.log_audio_table(step, samples, scores.components, scores.total, recipe.logging.audio_samples)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-                if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
-                    save_checkpoint(policy, run_dir, step, {"stage": "grpo", "lora_config": lora}, recipe.run.keep_last)
-            # the total and each reward component, over the first and the last 10% of steps
-            keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean"]
-            summary["grpo"] = {
-                **{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()},
-                "eval": evaluate(worker, held_out, recipe, reward_workers),
-            }
-            g = summary["grpo"]
-            components = ", ".join(
-                f"{k.removeprefix('reward/')} {g[k + ' first 10%']:.3f} -> {g[k + ' last 10%']:.3f}" for k in keys[1:]
-            )
+                if i + 1 == cfg.steps:
+                    summary["rl"] = _rl_summary(rows, evaluate(worker, held_out, recipe, reward_workers, gather=trainer.backend.full_parameters))
+                if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
+                    more = {"lora_config": lora, "cursor": cursor.position, "algorithm": cfg.algorithm, **trainer.state()}
+                    with trainer.backend.full_parameters():
+                        save_checkpoint(policy, run_dir, step, checkpoint_state("rl", i + 1, **more), run.keep_last,
+                                        run.keep_every, extra=trainer.save)
+            g = summary["rl"]
+            keys = [k.removesuffix(" first 10%") for k in g if k.endswith(" first 10%")]
+            components = ", ".join(f"{k.removeprefix('reward/')} {g[k + ' first 10%']:.3f} -> {g[k + ' last 10%']:.3f}" for k in keys[1:])
             say(
-                f"GRPO reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
+                f"{cfg.algorithm.upper()} reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
                 f"{g['reward/mean last 10%']:.3f} ({components}); greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
             )
-        summary["time_s"] = time.perf_counter() - started
+        summary["time_s"] = summary.get("time_s", 0.0) + time.perf_counter() - started
         tracker.summary(summary)
-    say(f"done in {summary['time_s']:.0f} s. Outputs in {run_dir}: config.yaml, metrics.jsonl, summary.json, reward_curve.png, checkpoints/")
+    say(f"done in {time.perf_counter() - started:.0f} s. Outputs in {run_dir}: config.yaml, metrics.jsonl, summary.json, reward_curve.png, checkpoints/")
     return run_dir
+
+
+def _rl_summary(rows: list[dict], evaluation: dict[str, float]) -> dict:
+    """The total and each reward component over the first and the last 10% of RL steps, and the evaluation."""
+    keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k not in ("reward/mean", "reward/trained_mean")]
+    return {**{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()}, "eval": evaluation}

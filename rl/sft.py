@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -50,3 +53,12 @@ class SFTTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.grad_clip)
         self.optimizer.step()
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # -- checkpoint state: the optimiser and where the batch sampler is ------------------
+    def save(self, folder: Path) -> None:
+        torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+        (Path(folder) / "sft_sampler.json").write_text(json.dumps(self.rng.bit_generator.state))
+
+    def load(self, folder: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+        self.rng.bit_generator.state = json.loads((Path(folder) / "sft_sampler.json").read_text())

@@ -152,15 +152,13 @@ def test_masked_mean_of_an_empty_mask_is_zero_not_nan() -> None:
     assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
 
 
-def test_grpo_learning_rate_schedules() -> None:
-    from vocalign.rl.config import GRPOConfig
-    from vocalign.rl.grpo import grpo_lr
+def test_rl_learning_rate_schedules() -> None:
+    from vocalign.rl.trainer import scheduled_lr
 
-    constant = GRPOConfig(steps=10, lr=1e-3, warmup_steps=2)
-    assert [grpo_lr(constant, s) for s in (0, 1, 5, 9)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
-    linear = GRPOConfig(steps=10, lr=1e-3, lr_decay="linear")
+    # lr 1e-3, 2 warm-up steps, 10 steps
+    assert [scheduled_lr(1e-3, 2, "constant", 10, s) for s in (0, 1, 5, 9)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
     # step s of 10 runs at lr * (1 - s / 10): 1e-3 at the first step, 1e-4 at the last
-    assert [grpo_lr(linear, s) for s in (0, 5, 9)] == pytest.approx([1e-3, 5e-4, 1e-4])
+    assert [scheduled_lr(1e-3, 0, "linear", 10, s) for s in (0, 5, 9)] == pytest.approx([1e-3, 5e-4, 1e-4])
 
 
 # --- the GRPO family and PPO: estimators, losses, aggregation, KL controllers --------------

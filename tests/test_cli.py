@@ -51,16 +51,16 @@ def test_rewards_lists_correctness_with_its_params(capsys: pytest.CaptureFixture
 
 
 def test_unknown_key_suggests_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "demo", "grpo.stpes=3"]) == 2
+    assert main(["train", "demo", "rl.stpes=3"]) == 2
     captured = capsys.readouterr()
-    assert "recipe key 'grpo.stpes' is not known; did you mean 'grpo.steps'?" in captured.err
-    assert "override 'grpo.stpes=3'" in captured.err  # names where the mistake is
+    assert "recipe key 'rl.stpes' is not known; did you mean 'rl.steps'?" in captured.err
+    assert "override 'rl.stpes=3'" in captured.err  # names where the mistake is
     assert captured.out == ""  # nothing ran
 
 
 def test_wrong_type_names_the_key_and_the_type(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "demo", "grpo.steps=many"]) == 2
-    assert "recipe key 'grpo.steps' expects int, got 'many'" in capsys.readouterr().err
+    assert main(["train", "demo", "rl.steps=many"]) == 2
+    assert "recipe key 'rl.steps' expects int, got 'many'" in capsys.readouterr().err
 
 
 def test_unknown_recipe_lists_the_available_ones(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,11 +75,11 @@ def test_train_names_the_run_folder_after_the_recipe(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     overrides = [
-        "sft.steps=0", "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=4",
+        "sft.steps=0", "rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=4",
         "data.rl_tasks[0].n=4", "data.eval_prompts=2", "logging.wandb=false", "run.progress=false",
     ]
     assert main(["train", "demo", *overrides]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("demo-")  # runs/<recipe name>-<timestamp>
-    assert [row["stage"] for row in read_metrics(run_dir / "metrics.jsonl")] == ["grpo"]
+    assert [row["stage"] for row in read_metrics(run_dir / "metrics.jsonl")] == ["rl"]
     assert f"run folder: runs/{run_dir.name}" in capsys.readouterr().out

@@ -297,7 +297,7 @@ def test_secrets_are_redacted_in_yaml_but_token_counts_stay(tmp_path: Path) -> N
 def test_which_names_count_as_secrets() -> None:
     secret = ["api_key", "WANDB_API_KEY", "apiKey", "password", "db_passwd", "client_secret",
               "token", "hf_token", "access-token", "Secret"]
-    not_secret = ["max_new_tokens", "tokenizer", "audio_tokens", "pad_token", "eos_token",
+    not_secret = ["max_new_tokens", "tokenizer", "audio_tokens", "audio_token_weight", "pad_token", "eos_token",
                   "learning_rate", "keywords"]
     assert [name for name in secret if not is_secret_key(name)] == []
     assert [name for name in not_secret if is_secret_key(name)] == []

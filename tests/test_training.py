@@ -25,8 +25,8 @@ from vocalign.model.loading import embedded_policy, load_policy
 from vocalign.rewards import RewardSpec
 from vocalign.rl.algorithms import group_normalized_advantages
 from vocalign.rl.checkpoint import ADAPTER_NAME, STATE_NAME, load_checkpoint
-from vocalign.rl.config import GRPOConfig, Recipe
-from vocalign.rl.grpo import GRPOTrainer
+from vocalign.rl.config import KLConfig, LossConfig, Recipe, RLConfig
+from vocalign.rl.trainer import PromptCursor, RLTrainer
 from vocalign.rl.recipe import load_recipe
 from vocalign.rl.runner import train
 from vocalign.rl.tracking import read_metrics
@@ -35,12 +35,12 @@ from vocalign.rollouts.worker import RolloutWorker
 SFT_STEPS, GRPO_STEPS = 3, 3
 # The demo recipe, cut down; values the tests check are stated here, not taken from the demo.
 TINY_RUN = [
-    f"sft.steps={SFT_STEPS}", f"grpo.steps={GRPO_STEPS}",
+    f"sft.steps={SFT_STEPS}", f"rl.steps={GRPO_STEPS}",
     "data.sft_tasks[0].n=32", "data.rl_tasks[0].n=32", "data.eval_prompts=8",
     "sft.batch_size=16", "sft.lr=1e-3", "sft.warmup_steps=50",
-    "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=16", "grpo.kl_coef=0.02",
-    "grpo.minibatches=1", "grpo.temperature=1.0",
-    "grpo.lora.r=16", "grpo.lora.alpha=32", "rewards=[{name: correctness, weight: 1.0}]",
+    "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "kl.coef=0.02",
+    "rl.minibatches=1", "rl.temperature=1.0",
+    "rl.lora.r=16", "rl.lora.alpha=32", "rewards=[{name: correctness, weight: 1.0}]",
     "run.save_every=2", "run.keep_last=2", "run.progress=false",
 ]
 # Steps are counted across stages: SFT ends at step 3 (a checkpoint), GRPO saves at its
@@ -95,13 +95,13 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_config_yaml_is_the_resolved_recipe(run_dir: Path, recipe: Recipe) -> None:
     reloaded = load_recipe(run_dir / "config.yaml", [], Recipe)
     assert reloaded == recipe
-    assert reloaded.grpo.group_size == 4  # an override
+    assert reloaded.rl.group_size == 4  # an override
     assert reloaded.rewards[1].name == TEXT_REWARD  # added in code
 
 
 def test_metrics_have_one_row_per_step(metrics: list[dict]) -> None:
     assert [row["step"] for row in metrics] == list(range(1, SFT_STEPS + GRPO_STEPS + 1))
-    assert [row["stage"] for row in metrics] == ["sft"] * SFT_STEPS + ["grpo"] * GRPO_STEPS
+    assert [row["stage"] for row in metrics] == ["sft"] * SFT_STEPS + ["rl"] * GRPO_STEPS
     for row in metrics[:SFT_STEPS]:
         assert row["loss"] > 0 and row["time/step_s"] > 0
     # SFT warms its learning rate up linearly over 50 steps from lr=1e-3
@@ -111,21 +111,28 @@ def test_metrics_have_one_row_per_step(metrics: list[dict]) -> None:
 def test_grpo_rows(metrics: list[dict]) -> None:
     grpo = metrics[SFT_STEPS:]
     required = {"stage", "step", "reward/mean", "reward/correctness", f"reward/{TEXT_REWARD}", "kl", "loss",
-                "grad_norm", "clip_frac", "response/tokens", "time/step_s"}
+                "grad_norm", "clip_frac", "entropy", "approx_kl", "response/tokens", "response/text_tokens",
+                "response/audio_tokens", "response/speech_s", "time/rollout_s", "time/reward_s", "time/update_s",
+                "time/sync_s", "throughput/tokens_per_s", "time/step_s"}
     for row in grpo:
         assert required <= row.keys(), f"missing {required - row.keys()}"
         # the total is the weighted sum of the components (weights 1.0 and 0.01)
         expected = row["reward/correctness"] + 0.01 * row[f"reward/{TEXT_REWARD}"]
         assert row["reward/mean"] == pytest.approx(expected)
-        assert 0 < row["response/tokens"] <= 16  # grpo.max_new_tokens
+        assert 0 < row["response/tokens"] <= 16  # rl.max_new_tokens
+        assert row["response/text_tokens"] + row["response/audio_tokens"] == pytest.approx(row["response/tokens"])
+        assert row["entropy"] > 0 and row["approx_kl"] == pytest.approx(0.0, abs=1e-4)
+        assert row["time/rollout_s"] > 0 and row["time/reward_s"] > 0 and row["time/update_s"] > 0
+        assert row["throughput/tokens_per_s"] > 0
         assert row["clip_frac"] == 0.0  # one update per batch: the ratio to the sampler is 1
         assert row["time/step_s"] > 0
     # the text reward differs between samples, so the policy gets a gradient
     assert all(row["grad_norm"] > 0 for row in grpo)
-    # kl_coef=0.02 turns the k3 KL on. LoRA's B starts at zero, so the first step's policy
-    # is its reference exactly; after an update it is not (k3 is never negative).
-    assert grpo[0]["kl"] == 0.0
-    assert grpo[-1]["kl"] > 0
+    # kl.coef=0.02 turns the k3 KL on, measured between the sampler's log-probabilities and
+    # the reference's. LoRA's B starts at zero, so the first step's policy is its reference
+    # (up to the rounding of the KV-cached sampler); after an update it is not.
+    assert grpo[0]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert grpo[-1]["kl"] > 1e-6
 
 
 def test_checkpoints_keep_the_last_two(run_dir: Path) -> None:
@@ -134,9 +141,14 @@ def test_checkpoints_keep_the_last_two(run_dir: Path) -> None:
     assert not list(checkpoints.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
     for name in KEPT_CHECKPOINTS:
         files = sorted(p.name for p in (checkpoints / name).iterdir())
-        assert files == [ADAPTER_NAME, STATE_NAME]  # under LoRA: the adapter only
+        # under LoRA: the adapter only, with the optimiser and the RNG states
+        assert files == [ADAPTER_NAME, "optimizer.pt", "rng.pt", STATE_NAME]
     state = json.loads((checkpoints / KEPT_CHECKPOINTS[-1] / STATE_NAME).read_text())
-    assert state == {"stage": "grpo", "step": 6, "lora": True, "lora_config": {"r": 16, "alpha": 32, "dropout": 0.0}}
+    assert {k: state[k] for k in ("stage", "step", "stage_step", "lora", "lora_config", "cursor", "version", "algorithm")} == {
+        "stage": "rl", "step": 6, "stage_step": 3, "lora": True, "lora_config": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "cursor": 12, "version": 3, "algorithm": "grpo",
+    }
+    assert state["wandb_id"] and state["summary"]["sft"]["reward/mean"] >= 0
     base = load_policy(checkpoints / "base")  # a complete saved policy: the model after SFT
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sum(p.numel() for p in base.model.parameters()) == summary["parameters"]
@@ -182,20 +194,20 @@ def test_sft_changed_every_trainable_weight(run_dir: Path, recipe: Recipe) -> No
 
 def test_summary(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary.keys() == {"parameters", "skipped_rows", "sft", "grpo", "time_s"}
+    assert summary.keys() == {"parameters", "skipped_rows", "sft", "rl", "time_s"}
     assert summary["parameters"] == sum(p.numel() for p in embedded_policy(0).model.parameters())
     assert summary["skipped_rows"] == {}
     assert {"reward/mean", "reward/correctness"} <= summary["sft"].keys()
     # the total and each reward component, at both ends of the stage
-    assert summary["grpo"].keys() == {
+    assert summary["rl"].keys() == {
         f"reward/{name} {end}" for name in ("mean", "correctness", TEXT_REWARD) for end in ("first 10%", "last 10%")
     } | {"eval"}
-    assert {"reward/mean", "reward/correctness"} <= summary["grpo"]["eval"].keys()
+    assert {"reward/mean", "reward/correctness"} <= summary["rl"]["eval"].keys()
     assert summary["time_s"] > 0
 
 
 def test_summary_reward_means_come_from_the_first_and_last_steps(run_dir: Path, metrics: list[dict]) -> None:
-    grpo = json.loads((run_dir / "summary.json").read_text())["grpo"]
+    grpo = json.loads((run_dir / "summary.json").read_text())["rl"]
     rewards = [row["reward/mean"] for row in metrics[SFT_STEPS:]]
     # 10% of 3 steps rounds to none; each end is then its single step
     assert grpo["reward/mean first 10%"] == pytest.approx(rewards[0])
@@ -223,11 +235,11 @@ def test_wandb_offline_run_is_in_the_run_folder(run_dir: Path, isolated_wandb: P
 def test_no_wandb_folder_when_wandb_is_off(tmp_path: Path, isolated_wandb: Path) -> None:
     out = tmp_path / "no-wandb"
     recipe = load_recipe(
-        "demo", [*TINY_RUN, "sft.steps=0", "grpo.steps=1", "logging.wandb=false", f"run.output_dir={out}"], Recipe
+        "demo", [*TINY_RUN, "sft.steps=0", "rl.steps=1", "logging.wandb=false", f"run.output_dir={out}"], Recipe
     )
     run_dir = train(recipe, "demo")
     assert not (run_dir / "wandb").exists()
-    assert [row["stage"] for row in read_metrics(run_dir / "metrics.jsonl")] == ["grpo"]
+    assert [row["stage"] for row in read_metrics(run_dir / "metrics.jsonl")] == ["rl"]
     assert (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
 
 
@@ -267,12 +279,12 @@ def test_grpo_loss_is_a_mean_over_response_tokens() -> None:
     policy = embedded_policy(0)
     policy.enable_lora(r=4, alpha=8)
     policy.freeze_encoder()
-    config = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=16, kl_coef=0.0)
+    config = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=16)
     # An untrained model rarely samples the end of turn; under this seed one response ends early.
-    trainer = GRPOTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, seed=6)
+    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=6)
     before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
 
-    metrics, rollouts = trainer.step(make_task("arithmetic", 4, seed=5), step=0)
+    metrics, rollouts = trainer.step(PromptCursor(make_task("arithmetic", 4, seed=5), 0), step=0)
 
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
     assert len(set(lengths.tolist())) > 1, f"this seed should give responses of different lengths, got {lengths.tolist()}"
@@ -290,15 +302,15 @@ def test_grpo_loss_is_a_mean_over_response_tokens() -> None:
 
 
 def test_grpo_minibatches_take_one_optimiser_step_each() -> None:
-    """grpo.minibatches=2 splits the rollout batch in two and steps the optimiser twice;
+    """rl.minibatches=2 splits the rollout batch in two and steps the optimiser twice;
     the second part is then scored off-policy, and the clipped ratio bounds it."""
     policy = embedded_policy(0)
     policy.enable_lora(r=4, alpha=8)
     policy.freeze_encoder()
-    config = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=16, kl_coef=0.0, minibatches=2)
-    trainer = GRPOTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, seed=6)
-    metrics, rollouts = trainer.step(make_task("arithmetic", 4, seed=5), step=0)
-    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    config = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=16, minibatches=2)
+    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=6)
+    metrics, rollouts = trainer.step(PromptCursor(make_task("arithmetic", 4, seed=5), 0), step=0)
+    steps = {int(state["step"]) for state in trainer.backend.optimizer.state.values()}
     assert steps == {2}
     assert len(rollouts) == 16 and metrics["response/tokens"] == pytest.approx(
         sum(len(r.response_ids) for r in rollouts) / 16

@@ -37,7 +37,7 @@ RECIPE = textwrap.dedent('''
     data:
       rl_tasks: [{name: arithmetic, n: 8}]
       eval_prompts: 2
-    grpo: {steps: 2, prompts_per_step: 2, group_size: 3, max_new_tokens: 8}
+    rl: {steps: 2, prompts_per_step: 2, group_size: 3, max_new_tokens: 8}
     rewards:
       - {name: "my_rewards:short_answer", weight: 1.0, params: {max_words: 2}}
       - {name: "my_rewards:text_characters", weight: 0.1}
@@ -56,7 +56,7 @@ def test_a_reward_module_outside_the_package_trains_two_steps(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    grpo = [r for r in rows if r["stage"] == "grpo"]
+    grpo = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in grpo] == [1, 2]
     for row in grpo:
         short, chars = row["reward/my_rewards:short_answer"], row["reward/my_rewards:text_characters"]
