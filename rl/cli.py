@@ -1,4 +1,4 @@
-"""The `vocalign` command: train a recipe, list rewards, list recipes."""
+"""The `vocalign` command: train a recipe, export a checkpoint, list rewards, list recipes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"{path}: {e}") from None
     train(recipe, path.stem)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_checkpoint
+
+    try:
+        result = export_checkpoint(args.checkpoint, args.out, force=args.force)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    how = "LoRA adapter merged into its base" if result.merged_lora else "full weights"
+    print(f"exported step {result.step} ({result.stage}, {how}) to {result.out}; load it with "
+          f"vocalign.model.loading.load_policy({str(result.out)!r})")
     return 0
 
 
@@ -53,8 +66,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a recipe: vocalign train RECIPE [key=value ...]")
     t.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (see `vocalign recipes`)")
-    t.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value, e.g. grpo.steps=20 logging.wandb=false")
+    t.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value, e.g. rl.steps=20 logging.wandb=false")
     t.set_defaults(fn=_train)
+    e = sub.add_parser(
+        "export",
+        help="merge a checkpoint's LoRA adapter into its base and save a loadable model with a model card: "
+        "vocalign export RUN_DIR/checkpoints/step-N OUT",
+    )
+    e.add_argument("checkpoint", help="a checkpoint folder, RUN_DIR/checkpoints/step-N")
+    e.add_argument("out", help="the folder to write (new or empty; see --force)")
+    e.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    e.set_defaults(fn=_export)
     sub.add_parser("rewards", help="list the registered rewards with their parameters").set_defaults(fn=_rewards)
     sub.add_parser("recipes", help="list the packaged recipes").set_defaults(fn=_recipes)
     return p
