@@ -5,6 +5,7 @@ A `RunTracker` owns what a run leaves behind in its folder:
     config.yaml        the resolved recipe, secrets redacted
     metrics.jsonl      one JSON object per `log` call: {"step": ..., <metric>: ...}
     summary.json       the final numbers (`summary`)
+    samples.jsonl      sampled responses with their transcripts and rewards (`log_audio_table`)
     reward_curve.png   reward against step, one panel per stage (written on close)
     wandb/             the W&B run files, when W&B is on
 
@@ -26,10 +27,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from vocalign.rl.recipe import REDACTED, is_secret_key, redact_secrets, to_yaml
+
+if TYPE_CHECKING:
+    from vocalign.data.types import Prompt, Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +133,7 @@ class RunTracker:
         self.summary_path = self.run_dir / "summary.json"
         self.config_path = self.run_dir / "config.yaml"
         self.reward_curve_path = self.run_dir / "reward_curve.png"
+        self.samples_path = self.run_dir / "samples.jsonl"
         self.wandb_mode: WandbMode = resolve_wandb_mode(options)
         self.wandb_run_id: str | None = None
         self.wandb_dir: Path | None = None  # this run's folder inside run_dir/wandb
@@ -202,7 +207,8 @@ class RunTracker:
             raise ValueError(
                 "metrics must not contain 'step'; pass the step as the `step` argument"
             )
-        values = {key: _plain_metric(key, value) for key, value in metrics.items()}
+        # a string under a secret-looking name (a token echoed by mistake) is hidden like in config.yaml
+        values = _hide_secret_strings({key: _plain_metric(key, value) for key, value in metrics.items()})
         row = {"step": int(step), **{key: _finite_or_none(value) for key, value in values.items()}}
         self._metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
         self._metrics_file.flush()
@@ -211,11 +217,61 @@ class RunTracker:
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Add final numbers to summary.json (rewritten each call) and the W&B summary."""
+        values = _hide_secret_strings(dict(values))
         self._summary.update(values)
         text = json.dumps(_finite_or_none(self._summary), indent=2, allow_nan=False)
         self.summary_path.write_text(text + "\n", encoding="utf-8")
         if self._wandb_run is not None:
-            self._wandb_run.summary.update(dict(values))
+            self._wandb_run.summary.update(values)
+
+    def log_audio_table(
+        self,
+        step: int,
+        rollouts: Sequence[Rollout],
+        rewards: Mapping[str, Sequence[float | None]],
+        total: Sequence[float],
+        n: int = 4,
+    ) -> list[dict[str, Any]]:
+        """Record `n` of a step's responses: what was asked, what the policy wrote and said,
+        what the embedded recognizer hears in its speech, and how each reward scored it.
+
+        `rewards[name][i]` and `total[i]` belong to `rollouts[i]` (a step's `RewardScores`
+        components and total). The rows go to samples.jsonl (always: the run folder stays
+        readable without W&B) and, when W&B is on, to a `samples` table with the prompt's
+        audio and the response's speech playable beside them. Returns the rows as written
+        to samples.jsonl.
+        """
+        if self._metrics_file is None:
+            raise RuntimeError("RunTracker.log_audio_table called before open(); use it in a `with` block")
+        for name, scores in {**rewards, "total": total}.items():
+            if len(scores) != len(rollouts):
+                raise ValueError(
+                    f"reward '{name}' has {len(scores)} scores for {len(rollouts)} rollouts; "
+                    "pass one score per rollout, in rollout order"
+                )
+        if not rollouts:
+            return []
+        picked = pick_samples(rollouts, n)
+        chosen = [rollouts[i] for i in picked]
+        transcripts = transcribe_speech(chosen)
+        rows: list[dict[str, Any]] = []
+        for index, rollout, transcript in zip(picked, chosen, transcripts):
+            rows.append({
+                "step": int(step),
+                "prompt": prompt_text(rollout.prompt),
+                "response": rollout.text,
+                "spoken_text": rollout.spoken_text,
+                "transcript": transcript,
+                "speech_seconds": round(rollout.speech_seconds, 3),
+                **{f"reward/{name}": _score(scores[index]) for name, scores in rewards.items()},
+                "total": _score(total[index]),
+            })
+        with self.samples_path.open("a", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({"samples": _wandb_table(rows, chosen), "step": int(step)})
+        return rows
 
     def close(self, *, failed: bool = False) -> None:
         if self._metrics_file is None:
@@ -231,6 +287,84 @@ class RunTracker:
         keys = self.reward_keys or reward_components(rows)
         if any(_finite_number(row.get(key)) for row in rows for key in keys):
             plot_rewards(self.reward_curve_path, rows, keys=keys)
+
+
+# --- the sample table -------------------------------------------------------------------
+
+
+def pick_samples(rollouts: Sequence[Rollout], n: int) -> list[int]:
+    """Indices of `n` rollouts, one per prompt before any prompt gets a second: a table
+    of four answers to four questions shows more than four answers to one."""
+    if n < 1:
+        raise ValueError(f"the sample table needs n >= 1 rows, got n={n}")
+    seen: dict[int, int] = {}
+    rank = []
+    for index, rollout in enumerate(rollouts):
+        rank.append((seen.get(rollout.group, 0), index))
+        seen[rollout.group] = seen.get(rollout.group, 0) + 1
+    return sorted(index for _, index in sorted(rank)[:n])
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The conversation as readable text; spoken turns are marked with their length."""
+    lines = []
+    for message in prompt.messages:
+        spoken = f"[audio {message.audio.seconds:.1f} s] " if message.audio is not None else ""
+        lines.append(f"{message.role}: {spoken}{message.content}".rstrip())
+    return "\n".join(lines)
+
+
+def transcribe_speech(rollouts: Sequence[Rollout]) -> list[str]:
+    """What the embedded recognizer hears in each rollout's speech ("" without speech).
+
+    The table is for looking at; a recognizer that cannot be loaded or fails leaves the
+    transcripts empty (with a warning) rather than stopping the run.
+    """
+    texts = [""] * len(rollouts)
+    by_rate: dict[int, list[int]] = {}
+    for i, rollout in enumerate(rollouts):
+        if rollout.waveform is not None and len(rollout.waveform) > 0:
+            by_rate.setdefault(rollout.sample_rate, []).append(i)
+    if not by_rate:
+        return texts
+    try:
+        from vocalign.rewards.asr import get_asr
+
+        asr = get_asr("embedded")
+        for rate, indices in by_rate.items():
+            heard = asr.transcribe([rollouts[i].waveform for i in indices], rate)
+            for i, text in zip(indices, heard):
+                texts[i] = text
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        logger.warning("sample table: the embedded recognizer failed (%s); transcripts left empty", error)
+        return [""] * len(rollouts)
+    return texts
+
+
+def _score(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _wandb_table(rows: Sequence[Mapping[str, Any]], rollouts: Sequence[Rollout]) -> Any:
+    """The rows as a W&B table, with the prompt's first clip and the response's speech as audio."""
+    import wandb
+
+    def audio(waveform: Any, rate: int) -> Any:
+        return wandb.Audio(waveform, sample_rate=rate) if waveform is not None and len(waveform) > 0 else None
+
+    columns: list[str] = []
+    for key in rows[0]:  # the samples.jsonl columns, each clip beside its text
+        columns.append(key)
+        columns += {"prompt": ["prompt_audio"], "transcript": ["speech"]}.get(key, [])
+    table = wandb.Table(columns=columns)
+    for row, rollout in zip(rows, rollouts):
+        clips = rollout.prompt.audio
+        media = {
+            "prompt_audio": audio(clips[0].waveform, clips[0].sample_rate) if clips else None,
+            "speech": audio(rollout.waveform, rollout.sample_rate),
+        }
+        table.add_data(*[media[c] if c in media else row[c] for c in columns])
+    return table
 
 
 def reward_components(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
@@ -276,6 +410,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file, in order."""
     with Path(path).open(encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]
+
+
+def _hide_secret_strings(data: Any) -> Any:
+    """A copy with each non-empty string under a secret-looking key (see `is_secret_key`)
+    replaced by the redaction mark. Numbers stay: a metric such as `reward/<name>` is
+    never a credential, and must stay a number."""
+    if isinstance(data, Mapping):
+        return {
+            key: REDACTED if isinstance(value, str) and value and is_secret_key(str(key)) else _hide_secret_strings(value)
+            for key, value in data.items()
+        }
+    if isinstance(data, list | tuple):
+        return [_hide_secret_strings(item) for item in data]
+    return data
 
 
 def _plain_metric(key: str, value: Any) -> float | int | str | bool:

@@ -6,15 +6,18 @@ folder); the run log is decoded with wandb's own protobuf records to check what 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from vocalign.rl.tracking import (
@@ -65,6 +68,21 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def wandb_records(run_log: Path) -> list[Any]:
+    """The records of a finished W&B run log, once its last one (`exit`) is on disk.
+
+    `run.finish()` can return a few milliseconds before wandb's service has flushed the
+    run log (seen here: a read right after `close` found only the file header now and
+    then), so this waits for the `exit` record rather than read a log still being written.
+    """
+    for _ in range(600):  # up to a minute; it normally takes one or two tries
+        records = decode_run_log(run_log)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        time.sleep(0.1)
+    raise AssertionError(f"{run_log} has no exit record after a minute: the run was not finished")
+
+
+def decode_run_log(run_log: Path) -> list[Any]:
     """Decode a W&B run log (.wandb): a LevelDB-style log of protobuf `Record`s."""
     from wandb.proto import wandb_internal_pb2
 
@@ -199,8 +217,9 @@ class Options:
 key = os.environ["WANDB_API_KEY"]
 recipe = {"logging": {"api_key": key}, "rewards": [{"params": {"hf_token": key}}]}
 with RunTracker(Path(sys.argv[1]), recipe, Options()) as tracker:
-    tracker.log({"reward/mean": 0.5}, step=1)
-    tracker.summary({"reward/final": 0.5})
+    # a key that reaches a metric or the summary under a secret-looking name is hidden too
+    tracker.log({"reward/mean": 0.5, "hf_token": key}, step=1)
+    tracker.summary({"reward/final": 0.5, "service": {"api_key": key}})
 print(tracker.wandb_dir)
 """
 
@@ -228,6 +247,9 @@ def test_api_key_is_written_nowhere_and_offline_contacts_no_server(
     holding_key = [str(path) for path in files if FAKE_KEY.encode() in path.read_bytes()]
     assert holding_key == []
     assert "<redacted>" in (run_dir / "config.yaml").read_text()
+    assert read_metrics(run_dir / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5, "hf_token": "<redacted>"}]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == {"reward/final": 0.5, "service": {"api_key": "<redacted>"}}
 
 
 def test_secret_options_are_hidden_in_the_command_line() -> None:
@@ -344,3 +366,148 @@ def test_plot_rewards_draws_one_panel_per_stage(tmp_path: Path) -> None:
     assert reward_components(rows) == ("reward/mean", "reward/asr")
     with pytest.raises(ValueError, match="no metrics row has a number for reward/kl"):
         plot_rewards(tmp_path / "none.png", rows, keys=("reward/kl",))
+
+
+# --- the sample table -------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """A step's rollouts with their scores, as the runner hands them to `log_audio_table`."""
+
+    rollouts: list[Any]
+    rewards: dict[str, list[float | None]]
+    total: list[float]
+
+
+@pytest.fixture(scope="module")
+def samples() -> Samples:
+    """Real rollouts of the embedded policy: 2 spoken questions, 2 samples each.
+
+    An untrained policy almost never speaks, so the first rollout is given the reference
+    answer's speech, rendered by the policy's own detokenizer as a spoken response is;
+    the table then has a real clip for the recognizer, beside responses without speech.
+    """
+    from vocalign.data.synthetic import make_task
+    from vocalign.model.loading import embedded_policy
+    from vocalign.model.policy import Sampling
+    from vocalign.rewards import RewardSpec, score
+    from vocalign.rollouts.worker import RolloutWorker
+
+    policy = embedded_policy(0)
+    prompts = make_task("arithmetic", 2, seed=3)
+    rollouts = RolloutWorker(policy).generate(prompts, 2, Sampling(max_new_tokens=12), seed=0)
+    target = prompts[0].target
+    assert target is not None and target.speech
+    units = policy.detokenizer.encode(target.speech, target.style)
+    speech = policy.detokenizer.render(units)
+    rollouts[0] = dataclasses.replace(
+        rollouts[0], spoken_text=target.speech, audio_tokens=policy.tokenizer.audio_ids(units),
+        waveform=speech.waveform, sample_rate=speech.sample_rate,
+    )
+    specs = [RewardSpec("correctness"), RewardSpec("speech_consistency", 0.5, {"against": "spoken_text"})]
+    scores = score(rollouts, specs)
+    return Samples(rollouts, scores.components, scores.total)
+
+
+def staged_run_table(run_log: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The `samples` table as W&B will upload it (an artifact staged on disk) and its files."""
+    artifacts = [record.artifact for record in wandb_records(run_log) if record.WhichOneof("record_type") == "artifact"]
+    (table_artifact,) = [a for a in artifacts if a.type == "run_table" and a.name.endswith("-samples")]
+    files = {entry.path: Path(entry.local_path) for entry in table_artifact.manifest.contents}
+    return json.loads(files["samples.table.json"].read_text()), files
+
+
+def test_audio_table_in_an_offline_wandb_run(tmp_path: Path, samples: Samples) -> None:
+    import soundfile
+
+    from vocalign.rewards.asr import get_asr
+
+    rollouts = samples.rollouts
+    run_dir = tmp_path / "run"
+    with RunTracker(run_dir, {}, LoggingConfig(mode="offline")) as tracker:
+        rows = tracker.log_audio_table(7, rollouts, samples.rewards, samples.total, n=2)
+    # one answer to each question before a second answer to either
+    assert [r.group for r in rollouts] == [0, 0, 1, 1]
+    picked = [0, 2]
+    assert [row["response"] for row in rows] == [rollouts[i].text for i in picked]
+
+    table, files = staged_run_table(tracker.wandb_dir / f"run-{tracker.wandb_run_id}.wandb")  # type: ignore[operator]
+    assert table["columns"] == [
+        "step", "prompt", "prompt_audio", "response", "spoken_text", "transcript", "speech", "speech_seconds",
+        "reward/correctness", "reward/speech_consistency", "total",
+    ]
+    cells = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(cells) == 2
+    heard = get_asr("embedded").transcribe([rollouts[0].waveform], rollouts[0].sample_rate)[0]
+    assert heard, "the recognizer hears words in the rendered reference answer"
+    for cell, row, index in zip(cells, rows, picked):
+        rollout = rollouts[index]
+        assert cell["step"] == 7
+        assert cell["prompt"] == f"human: [audio {rollout.prompt.audio[0].seconds:.1f} s]"  # a spoken question
+        assert cell["response"] == rollout.text and cell["spoken_text"] == rollout.spoken_text
+        assert cell["reward/correctness"] == samples.rewards["correctness"][index]
+        assert cell["reward/speech_consistency"] == samples.rewards["speech_consistency"][index]
+        assert cell["total"] == pytest.approx(samples.total[index])
+        assert {k: v for k, v in cell.items() if k not in ("prompt_audio", "speech")} == row
+        # the prompt's clip, playable: the same samples at the same rate
+        clip = rollout.prompt.audio[0]
+        waveform, rate = soundfile.read(files[cell["prompt_audio"]["path"]], dtype="float32")
+        assert rate == clip.sample_rate and len(waveform) == len(clip.waveform)
+    assert cells[0]["transcript"] == heard and cells[0]["spoken_text"] == rollouts[0].spoken_text
+    waveform, rate = soundfile.read(files[cells[0]["speech"]["path"]], dtype="float32")
+    assert rate == rollouts[0].sample_rate and len(waveform) == len(rollouts[0].waveform)
+    assert np.abs(waveform - rollouts[0].waveform).max() < 1e-3  # 16-bit WAV
+    assert rollouts[2].waveform is None and cells[1]["speech"] is None  # no speech, no clip
+    assert cells[1]["transcript"] == ""
+    # the same rows are in the run folder, as with W&B off
+    assert read_metrics(run_dir / "samples.jsonl") == rows
+
+
+def test_audio_table_without_wandb_goes_to_samples_jsonl(tmp_path: Path, samples: Samples) -> None:
+    run_dir = tmp_path / "run"
+    with RunTracker(run_dir, {}, LoggingConfig(wandb=False)) as tracker:
+        first = tracker.log_audio_table(5, samples.rollouts, samples.rewards, samples.total)
+        second = tracker.log_audio_table(10, samples.rollouts, samples.rewards, samples.total, n=1)
+    assert not (run_dir / "wandb").exists()
+    written = read_metrics(run_dir / "samples.jsonl")
+    assert written == first + second
+    assert [row["step"] for row in written] == [5, 5, 5, 5, 10]
+    assert [row["response"] for row in first] == [r.text for r in samples.rollouts]
+    speech = first[0]
+    assert speech["spoken_text"] == samples.rollouts[0].spoken_text and speech["transcript"]
+    assert speech["speech_seconds"] == pytest.approx(samples.rollouts[0].speech_seconds, abs=1e-3)
+    # a reward that did not apply (no speech to compare) is null, not 0
+    assert [row["reward/speech_consistency"] for row in first][1:] == [None, None, None]
+    assert set(first[0]) == {"step", "prompt", "response", "spoken_text", "transcript", "speech_seconds",
+                             "reward/correctness", "reward/speech_consistency", "total"}
+
+
+def test_audio_table_survives_a_failing_recognizer(
+    tmp_path: Path, samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vocalign.rewards.asr
+
+    def broken(name: str = "embedded", **kwargs: Any) -> Any:
+        raise OSError("recognizer weights missing")
+
+    monkeypatch.setattr(vocalign.rewards.asr, "get_asr", broken)
+    with RunTracker(tmp_path / "run", {}, LoggingConfig(wandb=False)) as tracker:
+        rows = tracker.log_audio_table(1, samples.rollouts, samples.rewards, samples.total, n=2)
+    assert [row["transcript"] for row in rows] == ["", ""]
+    assert rows[0]["spoken_text"] == samples.rollouts[0].spoken_text
+
+
+def test_audio_table_checks_its_inputs(tmp_path: Path, samples: Samples) -> None:
+    with RunTracker(tmp_path / "run", {}, LoggingConfig(wandb=False)) as tracker:
+        short = {**samples.rewards, "correctness": samples.rewards["correctness"][:2]}
+        with pytest.raises(ValueError, match="reward 'correctness' has 2 scores for 4 rollouts"):
+            tracker.log_audio_table(1, samples.rollouts, short, samples.total)
+        with pytest.raises(ValueError, match="reward 'total' has 3 scores for 4 rollouts"):
+            tracker.log_audio_table(1, samples.rollouts, samples.rewards, samples.total[:3])
+        with pytest.raises(ValueError, match="n >= 1"):
+            tracker.log_audio_table(1, samples.rollouts, samples.rewards, samples.total, n=0)
+        assert tracker.log_audio_table(1, [], {}, []) == []
+    assert not (tmp_path / "run" / "samples.jsonl").exists()
+    with pytest.raises(RuntimeError, match="before open"):
+        RunTracker(tmp_path / "r2", {}, LoggingConfig(wandb=False)).log_audio_table(1, [], {}, [])
