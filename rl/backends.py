@@ -49,6 +49,10 @@ class Backend(Protocol):
         """Every weight materialised on this process (ZeRO-3 gathers them), for generation or saving."""
         ...
 
+    def close(self) -> None:
+        """Release what the backend holds beyond the module (engines, process-wide patches)."""
+        ...
+
 
 class TorchBackend:
     """AdamW on the trainable parameters of `module`."""
@@ -85,6 +89,9 @@ class TorchBackend:
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
 
 
 def make_backend(kind: str, module: nn.Module, lr: float, grad_clip: float, options: dict[str, Any] | None = None) -> Backend:
