@@ -295,8 +295,9 @@ class Policy:
         if unexpected:
             raise ValueError(f"trainable state has keys this policy does not: {unexpected[:5]}")
 
-    def keep_reference(self) -> None:
-        """Keep a frozen copy of the current weights as the KL reference of a full-weight policy.
+    def keep_reference(self, model: nn.Module | None = None) -> None:
+        """Keep a frozen copy of the current weights (or `model`, e.g. reloaded when a run
+        resumes) as the KL reference of a full-weight policy.
 
         Under LoRA nothing is copied: the reference is the base with the adapters disabled.
         """
@@ -304,7 +305,7 @@ class Policy:
             return
         import copy
 
-        ref = copy.deepcopy(self.model).eval()
+        ref = (model if model is not None else copy.deepcopy(self.model)).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         self._reference = ref

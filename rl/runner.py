@@ -146,7 +146,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
     started = time.perf_counter()
     say = tqdm.write
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
-    with tracker, RewardWorkers() as reward_workers:
+    with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
         say(f"run folder: {run_dir}")
         if resume_from:
             say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
@@ -194,10 +194,13 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         if cfg.steps > 0:
             lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
             resuming_rl = resume_from is not None and state["stage"] == "rl"
+            base = run_dir / "checkpoints" / "base"  # the weights RL starts from
             if resuming_rl:
-                policy = load_policy(run_dir / "checkpoints" / "base" if lora else resume_from)
-            elif lora:
-                save_base(policy, run_dir)  # adapter checkpoints refer to it
+                policy = load_policy(base if lora else resume_from)
+                if not lora and recipe.kl.coef > 0:
+                    policy.keep_reference(load_policy(base).model)  # the reference is where RL started
+            elif lora or recipe.kl.coef > 0:
+                save_base(policy, run_dir)  # adapter checkpoints refer to it; a full-weight reference reloads from it
             critic = None
             if cfg.algorithm == "ppo":
                 critic = ValueModel(policy, lora if cfg.critic.lora else None)
@@ -223,6 +226,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 + (f" (ZeRO-{cfg.deepspeed.zero_stage})" if cfg.backend == "deepspeed" else ""))
             bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm, disable=not run.progress, dynamic_ncols=True,
                        initial=first, total=cfg.steps)
+            stack.callback(trainer.close)
             for i in bar:
                 t = time.perf_counter()
                 metrics, _ = trainer.step(cursor, i)

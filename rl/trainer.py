@@ -102,15 +102,23 @@ class RLTrainer:
         self.worker.version = self.version
         self.backend.load(folder)
         if self.critic is not None:
-            self.critic.load(folder)
+            if self.config.backend != "deepspeed":  # DeepSpeed's own checkpoint restores the critic's weights
+                self.critic.load(folder)
             self.critic_backend.load(Path(folder) / "critic")
 
     def save(self, folder: Path) -> None:
         self.backend.save(folder)
         if self.critic is not None:
-            self.critic.save(folder)
+            with self.critic_backend.full_parameters():
+                self.critic.save(folder)
             (Path(folder) / "critic").mkdir(exist_ok=True)
             self.critic_backend.save(Path(folder) / "critic")
+
+    def close(self) -> None:
+        """Release the backends (DeepSpeed engines and their process-wide changes)."""
+        for backend in (self.backend, self.critic_backend):
+            if backend is not None and hasattr(backend, "close"):
+                backend.close()
 
     # -- the step ------------------------------------------------------------------------
     def _rollout_round(self, prompts: list[Prompt], step: int, round_: int, timing: dict[str, float]) -> tuple[list[Rollout], Any]:
@@ -250,9 +258,12 @@ class RLTrainer:
                 mb_rows = order[mb_start : mb_start + mb_size]
                 units = (self._units(mask[mb_rows]), float(mask[mb_rows].sum()))
                 micro = -(-len(mb_rows) // cfg.grad_accum)
+                parts: dict[str, float] = defaultdict(float)  # the minibatch's statistics, summed over its micro-batches
                 for m_start in range(0, len(mb_rows), micro):
                     rows = mb_rows[m_start : m_start + micro]
-                    self._micro_step(rollouts, rows, encoded, mask, old_logprobs, ref_logprobs, advantages, values, returns, units, stats)
+                    self._micro_step(rollouts, rows, encoded, mask, old_logprobs, ref_logprobs, advantages, values, returns, units, parts)
+                for key, value in parts.items():
+                    stats[key].append(value)
                 stats["grad_norm"].append(self.backend.step())
                 if self.critic_backend is not None:
                     stats["critic/grad_norm"].append(self.critic_backend.step())
@@ -266,7 +277,8 @@ class RLTrainer:
         if self.worker.policy is self.policy:
             self.worker.version = self.version  # in-process: the worker shares the trainer's weights
         else:
-            self.worker.load_weights(self.policy.trainable_state(), self.version)
+            with self.backend.full_parameters():
+                self.worker.load_weights(self.policy.trainable_state(), self.version)
         t4 = time.perf_counter()
         # -- metrics ---------------------------------------------------------------------------
         text_tokens = [sum(1 for i in r.response_ids if not self.policy.tokenizer.is_audio(i)) for r in rollouts]
@@ -331,18 +343,21 @@ class RLTrainer:
         loss = alg.aggregate_loss(token_loss, m, lc.aggregation, norm=cfg.max_new_tokens)
         loss = loss * (self._units(m) / max(units, 1e-12))  # the minibatch's mean, whatever the micro-batch split
         self.backend.backward(loss)
+        # each statistic as this micro-batch's share of the minibatch's value: the minibatch's
+        # statistics are then the sums over its micro-batches, whatever the split
+        share = float(m.sum()) / max(mb_tokens, 1e-12)
         with torch.no_grad():
             log_ratio = logprobs.detach() - old
-            stats["loss"].append(float(loss) * units / max(self._units(m), 1e-12))
-            stats["clip_frac"].append(float(clip_frac))
-            stats["entropy"].append(float(alg.masked_mean(entropy, m)))
-            stats["approx_kl"].append(float(alg.masked_mean(torch.expm1(log_ratio) - log_ratio, m)))
-            stats["neg_logprob"].append(float(-alg.masked_mean(logprobs.detach(), m)))
+            stats["loss"] += float(loss)  # already scaled to its share of the minibatch's loss
+            stats["clip_frac"] += float(clip_frac) * share
+            stats["entropy"] += float(alg.masked_mean(entropy, m)) * share
+            stats["approx_kl"] += float(alg.masked_mean(torch.expm1(log_ratio) - log_ratio, m)) * share
+            stats["neg_logprob"] += float(-alg.masked_mean(logprobs.detach(), m)) * share
         if self.critic is not None:
             v = self.critic(batch)
             vloss, vclipped = value_loss(v, values[rows][:, :T], returns[rows][:, :T], m, cfg.critic.value_clip)
             # token-mean over the minibatch, whatever the micro-batch split
             self.critic_backend.backward(vloss.sum() / max(mb_tokens, 1e-12))
-            stats["critic/value_loss"].append(float(alg.masked_mean(vloss.detach(), m)))
-            stats["critic/clip_frac"].append(float(alg.masked_mean(vclipped.float(), m)))
-            stats["critic/value_mean"].append(float(alg.masked_mean(v.detach(), m)))
+            stats["critic/value_loss"] += float(alg.masked_mean(vloss.detach(), m)) * share
+            stats["critic/clip_frac"] += float(alg.masked_mean(vclipped.float(), m)) * share
+            stats["critic/value_mean"] += float(alg.masked_mean(v.detach(), m)) * share
