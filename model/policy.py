@@ -111,6 +111,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def _sample(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
     logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:  # no nucleus to find: the inverse CDF over the vocabulary as it is, no sort
+        cum = logp.exp().cumsum(-1)
+        tokens = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=logp.shape[-1] - 1)
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     probs, order = logp.exp().sort(dim=-1, descending=True)
     cum = probs.cumsum(-1)
     probs = probs * ((cum - probs) < sampling.top_p)  # the smallest set reaching top_p

@@ -281,7 +281,7 @@ def test_grpo_loss_is_a_mean_over_response_tokens() -> None:
     policy.freeze_encoder()
     config = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=16)
     # An untrained model rarely samples the end of turn; under this seed one response ends early.
-    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=6)
+    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=24)
     before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
 
     metrics, rollouts = trainer.step(PromptCursor(make_task("arithmetic", 4, seed=5), 0), step=0)
@@ -308,7 +308,7 @@ def test_grpo_minibatches_take_one_optimiser_step_each() -> None:
     policy.enable_lora(r=4, alpha=8)
     policy.freeze_encoder()
     config = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=16, minibatches=2)
-    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=6)
+    trainer = RLTrainer(policy, RolloutWorker(policy), [RewardSpec(TEXT_REWARD)], config, LossConfig(), KLConfig(), seed=24)
     metrics, rollouts = trainer.step(PromptCursor(make_task("arithmetic", 4, seed=5), 0), step=0)
     steps = {int(state["step"]) for state in trainer.backend.optimizer.state.values()}
     assert steps == {2}
