@@ -138,6 +138,20 @@ class KLConfig:
 @dataclass
 class RolloutConfig:
     render_speech: bool = True  # turn audio tokens into waveforms (needed by speech rewards)
+    num_workers: int = 0  # 0: generate in the trainer's process; N: N rollout workers (Ray actors)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: workers are placed with a Ray placement group
+    torch_threads: int = 1  # torch threads inside each worker
+    timeout_s: float = 600.0  # a worker call taking longer is treated as a dead worker
+    max_restarts: int = 3  # restarts of dead workers allowed within one call before the run fails
+    tools: list[str] = field(default_factory=list)  # tools the policy may call (multi-turn rollouts)
+    max_turns: int = 2  # tool calls per response at most
+    tool_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tool, e.g. {retrieval: {root: docs/}}
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray when workers are used; "auto" or "ray://host:10001": join a cluster
 
 
 @dataclass
@@ -164,6 +178,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
@@ -195,6 +210,10 @@ def check_recipe(recipe: Recipe) -> None:
         problems.append(f"loss.clip_low={recipe.loss.clip_low} must be in [0, 1) and loss.clip_high={recipe.loss.clip_high} >= 0")
     if recipe.kl.coef < 0:
         problems.append(f"kl.coef={recipe.kl.coef} must be >= 0")
+    if recipe.rollouts.num_workers < 0 or recipe.rollouts.max_turns < 1:
+        problems.append("rollouts.num_workers must be >= 0 (0: in-process) and rollouts.max_turns >= 1")
+    if rl.dynamic_sampling and rl.algorithm != "grpo":
+        problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
     if recipe.kind == "reward_model":

@@ -192,7 +192,13 @@ class RLTrainer:
         with self.backend.full_parameters():
             encoded = dict(zip([p.id for p in unique], self.policy.encode_prompts(unique).encoded))
         R = max(len(r.response_ids) for r in rollouts)
-        mask = self._padded([[1.0] * len(r.response_ids) for r in rollouts], list(range(N)), R)
+        # tokens the policy produced: a multi-turn rollout's inserted tool results carry loss_mask 0
+        produced = [
+            [float(x) for x in r.loss_mask] if getattr(r, "loss_mask", None) is not None else [1.0] * len(r.response_ids)
+            for r in rollouts
+        ]
+        mask = self._padded(produced, list(range(N)), R)
+        every = self._padded([[1.0] * len(r.response_ids) for r in rollouts], list(range(N)), R)  # tool results too
         old_logprobs = self._padded([r.logprobs for r in rollouts], list(range(N)), R)
         if lc.mask_truncated:
             truncated = torch.tensor([not r.finished for r in rollouts])
@@ -225,11 +231,12 @@ class RLTrainer:
         returns = None
         if cfg.algorithm == "ppo":
             token_rewards = torch.zeros(N, R)
-            last = (mask.sum(-1).long() - 1).clamp(min=0)
+            last = (mask * torch.arange(1, R + 1)).argmax(-1)  # each response's last trained token
             token_rewards[torch.arange(N), last] = rewards
             if kc.mode == "reward" and token_kl is not None:
                 token_rewards = token_rewards - self.kl_coef * token_kl
-            advantages, returns = alg.gae_advantages(token_rewards, values, mask, cfg.critic.gamma, cfg.critic.lam)
+            # GAE runs through inserted tool results (the reward reaches the tokens before them); they train nothing
+            advantages, returns = alg.gae_advantages(token_rewards, values, every, cfg.critic.gamma, cfg.critic.lam)
             mean = alg.masked_mean(advantages, mask)
             var = alg.masked_mean((advantages - mean) ** 2, mask)
             advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask  # whitened over the batch's tokens
