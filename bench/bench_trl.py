@@ -265,7 +265,7 @@ def run_ours(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list
         "cpu_step_s": cpu_s[args.warmup:],
         "warmup_s": step_s[: args.warmup],
         "completion_tokens": statistics.mean(m["response/tokens"] for m in timed),
-        "reward": statistics.mean(m.get("reward/mean", m.get("reward/trained_mean", float("nan"))) for m in timed),
+        "reward": statistics.mean(m.get("reward/mean", m.get("batch/reward_mean", float("nan"))) for m in timed),
         "breakdown_s": breakdown,
         "own_timing_s": own,
         "profile": profile,

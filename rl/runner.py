@@ -260,5 +260,5 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
 
 def _rl_summary(rows: list[dict], evaluation: dict[str, float]) -> dict:
     """The total and each reward component over the first and the last 10% of RL steps, and the evaluation."""
-    keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k not in ("reward/mean", "reward/trained_mean")]
+    keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean"]
     return {**{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()}, "eval": evaluation}

@@ -294,7 +294,7 @@ class RLTrainer:
         step_s = time.perf_counter() - t_start
         metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         metrics.update({
-            "reward/trained_mean": float(totals.mean()),
+            "batch/reward_mean": float(totals.mean()),
             "kl": measured_kl if token_kl is not None else float("nan"),
             "kl_coef": kl_coef_used,
             "lr": lr,

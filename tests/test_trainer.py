@@ -305,7 +305,7 @@ def test_step_metrics_describe_the_step(audio_weight_runs: dict) -> None:
     assert all(metrics[k] >= 0 for k in TIME_KEYS)
     assert metrics["time/rollout_s"] > 0 and metrics["time/update_s"] > 0
     assert metrics["throughput/tokens_per_s"] > 0 and metrics["throughput/samples_per_s"] > 0
-    assert metrics["reward/trained_mean"] == pytest.approx(sum(first_token(rollouts)) / N)
+    assert metrics["batch/reward_mean"] == pytest.approx(sum(first_token(rollouts)) / N)
     assert math.isnan(metrics["kl"]) and metrics["kl_coef"] == 0.0  # no KL term
 
 
@@ -493,7 +493,7 @@ def test_kl_in_reward_mode_changes_the_advantages_and_adaptive_coef_shrinks(prom
     expected = ratio_one_loss(advantages, L, L)
     assert abs(expected) > 1e-4, "without the KL every advantage, and the loss, would be 0"
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    assert metrics["reward/trained_mean"] == 0.0  # the logged rewards are the rewards, before the KL
+    assert metrics["batch/reward_mean"] == 0.0  # the logged rewards are the rewards, before the KL
     assert metrics["kl_coef"] == KL_COEF
     assert trainer.kl_coef == pytest.approx(KL_COEF * (1 - 0.2 * N / HORIZON))
 
