@@ -26,17 +26,21 @@ from .registry import RewardError, RewardSpec, _run, get_reward
 OBJECT_STORE_BYTES = 256 * 1024**2
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray (or join the one this process already started).
+def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Start a local Ray, join a running cluster, or keep the Ray this process already joined.
 
-    A Ray cluster is joined by starting the driver with RAY_ADDRESS set; `ray.init` reads it.
+    `address` joins an existing cluster ("auto", "host:6379" or "ray://host:10001"), as
+    starting the driver with RAY_ADDRESS set does. A cluster has its own CPUs and object
+    store, so `num_cpus` and the object-store size apply only to a local Ray.
     """
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
+    if address:
+        kwargs["address"] = address
+    elif not os.environ.get("RAY_ADDRESS"):
         kwargs |= {"num_cpus": num_cpus or os.cpu_count() or 1, "object_store_memory": OBJECT_STORE_BYTES}
     # Actors import rewards named `module:function` from the driver's working directory and path.
     paths = [os.getcwd() if p == "" else p for p in sys.path]

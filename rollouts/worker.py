@@ -2,13 +2,26 @@
 
 It holds a policy replica, generates in batches with a KV cache, parses each response
 into think / text / speech, and renders the speech's audio tokens into a waveform with
-the policy's detokenizer. This first version runs in-process.
+the policy's detokenizer.
+
+One class, two ways: `RolloutWorker` runs in the trainer's process (sharing, or holding
+its own copy of, the policy), and `RolloutActor` is the same worker built in another
+process from a policy snapshot, which `RolloutGroup` (rollouts/group.py) runs as a Ray
+actor. Both stamp every rollout with the weight version they hold and can prove their
+weights with `weight_checksum` (see rollouts/sync.py).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import torch
+
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
+
+from .sync import live_state, restore_policy, state_checksum
 
 
 class RolloutWorker:
@@ -16,12 +29,34 @@ class RolloutWorker:
         self.policy = policy
         self.render_speech = render_speech and policy.detokenizer is not None
         self.version = 0
+        self._synced_names: list[str] | None = None  # keys of the last state loaded
 
+    # -- weights -------------------------------------------------------------------------
     def load_weights(self, state: dict, version: int) -> None:
         """Take the trainer's trainable state (the adapter only, under LoRA)."""
         self.policy.load_trainable_state(state)
         self.version = version
+        self._synced_names = sorted(state)
 
+    def set_version(self, version: int) -> None:
+        """Stamp the weights held with `version` (a resumed trainer whose weights the worker already has)."""
+        self.version = version
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def weight_checksum(self) -> str:
+        """`state_checksum` of the worker's current values of the synced tensors.
+
+        Before the first sync it covers the policy's own trainable state.
+        """
+        return state_checksum(live_state(self.policy, self._synced_names))
+
+    def weight_state(self) -> tuple[int, str]:
+        """(version, checksum) in one call: what `RolloutGroup.verify` compares."""
+        return self.version, self.weight_checksum()
+
+    # -- generation and scoring ----------------------------------------------------------
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
         """`n` rollouts per prompt, grouped by prompt (rollout i*n+j is sample j of prompt i)."""
         batch = self.policy.encode_prompts(prompts)
@@ -43,3 +78,59 @@ class RolloutWorker:
                 )
             )
         return rollouts
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list[Prompt], response_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probabilities of `response_ids[i]` after `prompts[i]`, in eval mode.
+
+        The same numbers the trainer computes for these sequences when both hold the same
+        weights: a functional check of a sync beyond the checksum.
+        """
+        if len(prompts) != len(response_ids):
+            raise ValueError(f"logprobs needs one response per prompt; got {len(prompts)} prompts and {len(response_ids)} responses")
+        batch = self.policy.encode_prompts(prompts)
+        seq = self.policy.sequences(batch.ids, response_ids, batch.encoded)
+        was_training = self.policy.model.training
+        self.policy.model.eval()
+        try:
+            logp = self.policy.logprobs(seq, temperature)
+        finally:
+            self.policy.model.train(was_training)
+        return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]
+
+
+class RolloutActor(RolloutWorker):
+    """A `RolloutWorker` in its own process, built from a policy snapshot: run as a Ray actor.
+
+    `lora` (r, alpha, dropout, target_modules) enables LoRA on a snapshot that has none
+    yet; the adapter itself arrives with the first sync. `torch_threads` is per actor:
+    replicas on one machine share its cores.
+    """
+
+    def __init__(
+        self, snapshot: bytes, render_speech: bool = True, torch_threads: int = 1, device: str = "cpu",
+        lora: dict[str, Any] | None = None, version: int = 0,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        policy = restore_policy(snapshot, device)
+        if lora is not None and not policy.lora:
+            policy.enable_lora(**lora)
+        super().__init__(policy, render_speech)
+        self.version = version
+
+    def generate_shard(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
+        """`generate`, with each rollout's prompt left out of the reply.
+
+        The driver holds the prompts (their audio included) and puts them back, so they
+        do not travel twice.
+        """
+        rollouts = self.generate(prompts, n, sampling, seed)
+        for r in rollouts:
+            r.prompt = None  # type: ignore[assignment]
+        return rollouts
+
+    def ready(self) -> tuple[int, str]:
+        """(process id, Ray node id): returns once the actor is built."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()

@@ -1,0 +1,450 @@
+"""A group of rollout workers on Ray: sharded generation, verified weight sync, restarts.
+
+`RolloutGroup` has the in-process worker's contract (`generate(prompts, n, sampling,
+seed)`, `load_weights(state, version)`, `version`, `policy`), so the trainer drives N
+Ray actors exactly as it drives one `RolloutWorker`:
+
+- generate: the prompts are split into contiguous shards, one per worker; each worker
+  generates its shard and the shards are gathered back in order. Sampling is seeded per
+  (seed, prompt id, sample index), so the result equals the in-process worker's however
+  the prompts are split. Every rollout carries the weight version of the worker that
+  made it.
+- sync: the trainable state (the adapter only, under LoRA) is put in the object store
+  once and every worker loads it; `verify(version, checksum)` then proves each worker
+  holds exactly those tensors (`state_checksum`), or raises `WeightSyncError`.
+- faults: a worker that dies (RayActorError) or takes longer than `timeout_s` on a call
+  (then it is killed) is replaced by a new actor, built from the same snapshot and
+  given the last synced state at its version, and its call runs again. Same seed, same
+  samples: nothing is lost or duplicated. `restarts` counts replacements;
+  `max_restarts` bounds them within one call.
+
+Placement: on CPU each actor simply reserves `cpus_per_worker`. With GPUs
+(`gpus_per_worker > 0`) the workers are reserved together as a placement group of one
+bundle per worker (PACK by default: as few nodes as possible; SPREAD: across nodes), so
+the group starts whole or not at all and a restarted worker returns to its bundle.
+`placement` names the strategy explicitly (it also applies on CPU).
+
+`num_workers=0` is the in-process mode: one `RolloutWorker` sharing the trainer's policy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vocalign.data.types import Prompt, Rollout
+from vocalign.model.policy import Policy, Sampling
+
+from .sync import WeightSyncError, snapshot_policy, state_bytes
+from .worker import RolloutActor, RolloutWorker
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class RolloutWorkerError(RuntimeError):
+    """A rollout worker failed in a way a restart does not fix, or restarts ran out."""
+
+
+@dataclass
+class _Call:
+    """One method call on one worker, resubmitted to its replacement if the worker fails."""
+
+    worker: int
+    method: str
+    args: tuple
+    pin: tuple[Any, int] | None = None  # (state ref, version) the call must run at; None: whatever is current
+    actor: Any = None  # the actor it was submitted to
+    ref: Any = None
+    deadline: float = 0.0
+
+
+@dataclass
+class PendingRollouts:
+    """Rollouts being generated: returned by `generate_async`, redeemed by `collect`."""
+
+    prompts: list[Prompt]
+    n: int
+    version: int  # the weight version the rollouts are generated with
+    starts: list[int]  # index of each shard's first prompt
+    calls: list[_Call] = field(default_factory=list)
+    local: list[Rollout] | None = None  # in-process mode: generated already
+
+
+def shard_bounds(count: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges splitting `count` items over at most `parts` workers,
+    sizes differing by at most one (the first ones larger); no empty range."""
+    parts = max(1, min(parts, count))
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class RolloutGroup:
+    """`num_workers` rollout workers as Ray actors (0: one in-process worker); a context manager.
+
+    `policy` is the trainer's policy at the weights to start from; each actor is built
+    from a snapshot of it (LoRA adapters included). `lora_config` (r, alpha, dropout,
+    target_modules) makes the workers enable LoRA themselves when `policy` has none yet
+    (its adapter then arrives with the first sync); for a LoRA policy it must match the
+    policy's own. `address` joins a running Ray cluster (else a local Ray is started).
+    """
+
+    actor_class: type = RolloutActor
+
+    def __init__(
+        self, policy: Policy, num_workers: int, render_speech: bool = True, cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0, timeout_s: float = 600.0, max_restarts: int = 3, address: str | None = None,
+        lora_config: dict[str, Any] | None = None, torch_threads: int = 1, placement: str | None = None,
+        startup_timeout_s: float = 300.0,
+    ) -> None:
+        _check(num_workers >= 0, f"rollouts.num_workers must be >= 0 (got {num_workers}); 0 generates in the trainer's process")
+        _check(cpus_per_worker >= 0 and gpus_per_worker >= 0,
+               f"rollouts.cpus_per_worker and gpus_per_worker must be >= 0 (got {cpus_per_worker}, {gpus_per_worker})")
+        _check(timeout_s > 0, f"rollouts.timeout_s must be > 0 seconds (got {timeout_s})")
+        _check(max_restarts >= 0, f"rollouts.max_restarts must be >= 0 (got {max_restarts})")
+        _check(torch_threads >= 1, f"rollouts.torch_threads must be >= 1 (got {torch_threads})")
+        _check(placement is None or placement in PLACEMENTS, f"placement {placement!r} is not a Ray strategy; use one of {', '.join(PLACEMENTS)}")
+        if lora_config is not None and policy.lora:
+            _check_lora_matches(policy, lora_config)
+        self.num_workers, self.timeout_s, self.max_restarts = num_workers, timeout_s, max_restarts
+        self.startup_timeout_s = startup_timeout_s
+        self.restarts = 0  # workers replaced since the group started
+        self.last_sync: dict[str, float] = {}
+        self._version = 0
+        self._state_ref: Any = None  # the last synced state, in the object store: given to replacements
+        self._local: RolloutWorker | None = None
+        self._actors: list[Any] = []
+        self._placement_group: Any = None
+        if num_workers == 0:
+            self._local = RolloutWorker(policy, render_speech)
+            return
+
+        import ray
+
+        from vocalign.rewards.workers import ensure_ray
+
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ensure_ray(address=address)
+        if local:
+            _check_local_resources(num_workers, cpus_per_worker, gpus_per_worker)
+        self._snapshot_ref = ray.put(snapshot_policy(policy))
+        self._remote = ray.remote(self.actor_class)
+        self._actor_args = dict(render_speech=render_speech, torch_threads=torch_threads,
+                                device="cuda" if gpus_per_worker > 0 else "cpu", lora=lora_config)
+        self._resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+        try:
+            strategy = placement or ("PACK" if gpus_per_worker > 0 else None)
+            if strategy is not None:
+                self._placement_group = self._reserve(strategy, cpus_per_worker, gpus_per_worker)
+            self._actors = [self._start_actor(i) for i in range(num_workers)]
+            self._wait_ready(list(range(num_workers)), "start")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the in-process worker's contract ------------------------------------------------
+    @property
+    def policy(self) -> Policy | None:
+        """The shared policy in-process; None with remote workers (they hold replicas), so
+        a trainer that checks `worker.policy is policy` sends them its weights."""
+        return self._local.policy if self._local is not None else None
+
+    @property
+    def version(self) -> int:
+        return self._local.version if self._local is not None else self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        """Restamp the workers' weights as `version` without sending any (a resumed trainer
+        whose policy the workers were built from)."""
+        if self._local is not None:
+            self._local.version = version
+            return
+        self._version = version
+        self._run([_Call(i, "set_version", (version,)) for i in range(self.num_workers)])
+
+    def load_weights(self, state: dict, version: int) -> dict[str, float]:
+        """`sync`, under the in-process worker's name."""
+        return self.sync(state, version)
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
+        """`n` rollouts per prompt, grouped by prompt (rollout i*n+j is sample j of prompt i)."""
+        return self.collect(self.generate_async(prompts, n, sampling, seed))
+
+    # -- asynchronous generation -----------------------------------------------------------
+    def generate_async(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> PendingRollouts:
+        """Start generating; returns at once (in-process: after generating).
+
+        The workers generate with the weights they hold now. A `sync` called before
+        `collect` waits behind the generation on each worker, so the trainer can update
+        to version v+1 while version v generates the next step's rollouts, and read the
+        staleness from each rollout's `weight_version`.
+        """
+        if self._local is not None:
+            return PendingRollouts(prompts, n, self.version, [0], local=self._local.generate(prompts, n, sampling, seed))
+        bounds = shard_bounds(len(prompts), self.num_workers) if prompts else []
+        pin = (self._state_ref, self._version)
+        calls = [_Call(w, "generate_shard", (prompts[a:b], n, sampling, seed), pin) for w, (a, b) in enumerate(bounds)]
+        for call in calls:
+            self._submit(call)
+        return PendingRollouts(prompts, n, self._version, [a for a, _ in bounds], calls)
+
+    def collect(self, pending: PendingRollouts) -> list[Rollout]:
+        """The rollouts of `generate_async`, in prompt order, replacing workers that fail."""
+        if pending.local is not None:
+            return pending.local
+        rollouts: list[Rollout] = []
+        for start, shard in zip(pending.starts, self._run(pending.calls)):
+            for r in shard:
+                r.prompt = pending.prompts[start + r.group]
+                r.group += start
+            rollouts += shard
+        if len(rollouts) != pending.n * len(pending.prompts):
+            raise RolloutWorkerError(
+                f"the workers returned {len(rollouts)} rollouts for {len(pending.prompts)} prompts x {pending.n} samples"
+            )
+        return rollouts
+
+    # -- weight sync -----------------------------------------------------------------------
+    def sync(self, state: dict, version: int) -> dict[str, float]:
+        """Send the trainer's trainable state to every worker, stamped `version`.
+
+        Returns {"bytes": size of one copy of the state, "seconds": time until every
+        worker has loaded it}, also kept as `last_sync`. A worker that fails here is
+        replaced and the replacement is built at this state.
+        """
+        t0 = time.perf_counter()
+        if self._local is not None:
+            self._local.load_weights(state, version)
+        else:
+            import ray
+
+            # On the CPU in the object store: a CUDA tensor would come back on the CUDA device of
+            # each worker, which a CPU worker does not have (the worker moves it to its device).
+            cpu_state = {k: v.detach().cpu() for k, v in state.items()}
+            self._state_ref, self._version = ray.put(cpu_state), version
+            self._run([_Call(i, "load_weights", (self._state_ref, version)) for i in range(self.num_workers)])
+        self.last_sync = {"bytes": float(state_bytes(state)), "seconds": time.perf_counter() - t0}
+        return self.last_sync
+
+    def verify(self, version: int, checksum: str) -> None:
+        """Raise `WeightSyncError` unless every worker holds weight `version` with `checksum`
+        (`state_checksum` of the state the trainer synced)."""
+        states = self.weight_states()
+        wrong = [
+            f"worker {i} holds version {v} with checksum {c}"
+            for i, (v, c) in enumerate(states) if v != version or c != checksum
+        ]
+        if wrong:
+            raise WeightSyncError(
+                f"rollout workers out of sync with the trainer (version {version}, checksum {checksum}): "
+                + "; ".join(wrong) + ". Sync the trainer's state again (sync(state, version)) before generating."
+            )
+
+    def weight_states(self) -> list[tuple[int, str]]:
+        """(version, checksum) of each worker."""
+        if self._local is not None:
+            return [self._local.weight_state()]
+        return self._run([_Call(i, "weight_state", ()) for i in range(self.num_workers)])
+
+    def logprobs(self, prompts: list[Prompt], response_ids: list[list[int]], temperature: float = 1.0) -> list[list[list[float]]]:
+        """Each worker's log-probabilities of the same sequences (one list per worker): to check
+        that every worker computes what the trainer does."""
+        if self._local is not None:
+            return [self._local.logprobs(prompts, response_ids, temperature)]
+        return self._run([_Call(i, "logprobs", (prompts, response_ids, temperature)) for i in range(self.num_workers)])
+
+    # -- processes -------------------------------------------------------------------------
+    def worker_info(self) -> list[tuple[int, str]]:
+        """(process id, Ray node id) of each worker."""
+        if self._local is not None:
+            return [(os.getpid(), "")]
+        return self._run([_Call(i, "ready", ()) for i in range(self.num_workers)])
+
+    def actor(self, index: int) -> Any:
+        """The Ray actor handle of worker `index` (to inspect it; the group may replace it)."""
+        return self._actors[index]
+
+    def close(self) -> None:
+        """Kill the actors and release their placement group."""
+        if not self._actors and self._placement_group is None:
+            return
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        if self._placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._placement_group)
+            self._placement_group = None
+
+    def __enter__(self) -> RolloutGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _reserve(self, strategy: str, cpus: float, gpus: float) -> Any:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+        _check(bool(bundle), "a placement group needs cpus_per_worker or gpus_per_worker > 0")
+        group = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=self.startup_timeout_s)
+        if not ready:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+            raise RolloutWorkerError(
+                f"Ray could not reserve {self.num_workers} rollout workers of {bundle} ({strategy}) within "
+                f"{self.startup_timeout_s:.0f} s: the cluster lacks the resources; lower rollouts.num_workers or "
+                f"the per-worker CPUs/GPUs, or add nodes (ray status shows what is free)"
+            )
+        return group
+
+    def _start_actor(self, index: int) -> Any:
+        """A new actor for worker `index`, at the current synced state."""
+        import ray
+
+        # Inside a placement group too: the actor takes its bundle's CPUs and GPUs (and Ray sets
+        # CUDA_VISIBLE_DEVICES from num_gpus).
+        options: dict[str, Any] = dict(self._resources, max_restarts=0)
+        if self._placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self._placement_group, placement_group_bundle_index=index
+            )
+        actor = self._remote.options(**options).remote(self._snapshot_ref, version=self._version, **self._actor_args)
+        if self._state_ref is not None:
+            actor.load_weights.remote(self._state_ref, self._version)  # runs before any later call
+        return actor
+
+    def _wait_ready(self, indices: list[int], what: str) -> None:
+        import ray
+
+        refs = [self._actors[i].ready.remote() for i in indices]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.startup_timeout_s)
+        if len(ready) < len(refs):
+            raise RolloutWorkerError(
+                f"rollout workers {indices} did not {what} within {self.startup_timeout_s:.0f} s: Ray may lack "
+                f"free resources ({self._resources} per worker) or the actors hang while loading the policy"
+            )
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayError as error:
+            raise RolloutWorkerError(f"rollout workers {indices} failed to {what}: {error}") from error
+
+    def _replace(self, index: int, reason: str) -> None:
+        import ray
+
+        ray.kill(self._actors[index], no_restart=True)
+        self.restarts += 1
+        self._actors[index] = self._start_actor(index)
+        self._wait_ready([index], f"restart after worker {index} {reason}")
+
+    def _submit(self, call: _Call) -> None:
+        actor = self._actors[call.worker]
+        pinned = call.pin is not None and call.pin[1] != self._version
+        if pinned:  # a replacement runs an older step's call at that step's weights, then returns to now
+            if call.pin[0] is None:
+                raise RolloutWorkerError(
+                    f"rollout worker {call.worker} was lost while generating with the weights it was built with "
+                    f"(version {call.pin[1]}), which the group cannot send to a replacement: sync the workers once "
+                    f"(sync(state, version)) before the first generate_async"
+                )
+            actor.load_weights.remote(*call.pin)
+        call.actor, call.ref = actor, getattr(actor, call.method).remote(*call.args)
+        call.deadline = time.monotonic() + self.timeout_s
+        if pinned:
+            self._restore_current(actor)
+
+    def _restore_current(self, actor: Any) -> None:
+        if self._state_ref is not None:
+            actor.load_weights.remote(self._state_ref, self._version)
+        else:
+            actor.set_version.remote(self._version)
+
+    def _run(self, calls: list[_Call]) -> list[Any]:
+        """Submit (if not yet) and gather `calls`, in order; replace a worker that dies or
+        times out and run its call again, at most `max_restarts` times."""
+        import ray
+
+        for call in calls:
+            if call.ref is None:
+                self._submit(call)
+        results: dict[int, Any] = {}
+        restarts = 0
+        while len(results) < len(calls):
+            waiting = {c.ref: k for k, c in enumerate(calls) if k not in results}
+            timeout = max(0.0, min(calls[k].deadline for k in waiting.values()) - time.monotonic())
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+            failed: list[tuple[int, str]] = []
+            for ref in ready:
+                k = waiting[ref]
+                try:
+                    results[k] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
+                    failed.append((k, f"died ({type(error).__name__})"))
+                except ray.exceptions.RayTaskError as error:
+                    cause = error.cause if isinstance(error.cause, Exception) else error
+                    raise RolloutWorkerError(
+                        f"rollout worker {calls[k].worker} raised in {calls[k].method}: {type(cause).__name__}: {cause}"
+                    ) from cause
+            if not ready:
+                now = time.monotonic()
+                failed += [(k, f"took over timeout_s={self.timeout_s:g} s in {calls[k].method}")
+                           for k in waiting.values() if calls[k].deadline <= now]
+            for k, reason in failed:
+                call = calls[k]
+                if call.actor is self._actors[call.worker]:  # not yet replaced by another call's failure
+                    restarts += 1
+                    if restarts > self.max_restarts:
+                        raise RolloutWorkerError(
+                            f"rollout worker {call.worker} {reason}; gave up after {self.max_restarts} restarts in one call "
+                            f"(rollouts.max_restarts). Look for the cause in the worker logs (out of memory, a crash), "
+                            f"or raise rollouts.timeout_s if the calls are slow rather than stuck"
+                        )
+                    self._replace(call.worker, reason)
+                self._submit(call)
+        return [results[k] for k in range(len(calls))]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_local_resources(workers: int, cpus: float, gpus: float) -> None:
+    """Fail now, not after the startup timeout, when a local Ray cannot hold the workers."""
+    import ray
+
+    have = ray.cluster_resources()
+    for key, name, each in (("CPU", "cpus_per_worker", cpus), ("GPU", "gpus_per_worker", gpus)):
+        if workers * each > have.get(key, 0) + 1e-9:
+            raise ValueError(
+                f"{workers} rollout workers x rollouts.{name}={each:g} need {workers * each:g} {key}s, but the local "
+                f"Ray has {have.get(key, 0):g}: lower rollouts.num_workers or rollouts.{name}, or join a cluster (ray.address)"
+            )
+
+
+def _check_lora_matches(policy: Policy, lora: dict[str, Any]) -> None:
+    """A LoRA policy's workers reuse its adapters: a different lora_config would be ignored, so refuse it."""
+    config = policy.model.lm.peft_config["default"]
+    have = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
+    wrong = {k: (lora[k], have[k]) for k in have if k in lora and lora[k] != have[k]}
+    if wrong:
+        raise ValueError(
+            f"lora_config {lora} does not match the policy's LoRA ({have}): {wrong} (given, policy's); "
+            f"pass the config the policy was built with, or None"
+        )
