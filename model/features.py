@@ -31,7 +31,7 @@ def log_mel(waveforms: list[np.ndarray], n_mels: int, n_frames: int) -> torch.Te
     n_samples = n_frames * HOP
     batch = torch.zeros(len(waveforms), n_samples)
     for i, w in enumerate(waveforms):
-        w = torch.as_tensor(w[:n_samples], dtype=torch.float32)
+        w = torch.tensor(np.asarray(w[:n_samples], dtype=np.float32))  # a copy: Ray delivers read-only arrays
         batch[i, : len(w)] = w
     stft = torch.stft(batch, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
     power = stft[..., :-1].abs() ** 2

@@ -31,6 +31,7 @@ from vocalign.model.loading import embedded_policy, load_policy
 from vocalign.model.policy import Policy, Sampling
 from vocalign.rewards import score
 from vocalign.rewards.workers import RewardWorkers
+from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.worker import RolloutWorker
 
 from .checkpoint import ADAPTER_NAME, latest_checkpoint, read_state, restore_rng, save_base, save_checkpoint
@@ -145,6 +146,10 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
     resume_from, state = _prepare_folder(recipe, run_dir)
     started = time.perf_counter()
     say = tqdm.write
+    if recipe.rollouts.num_workers > 0 or recipe.ray.address:
+        from vocalign.rewards.workers import ensure_ray
+
+        ensure_ray(address=recipe.ray.address)  # first, so reward workers join the same Ray
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
     with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
         say(f"run folder: {run_dir}")
@@ -212,7 +217,15 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 from safetensors.torch import load_file
 
                 policy.load_trainable_state(load_file(str(resume_from / ADAPTER_NAME)))
-            worker = RolloutWorker(policy, render_speech=recipe.rollouts.render_speech)
+            ro = recipe.rollouts
+            if ro.num_workers > 0:  # Ray actors holding replicas of the policy, synced after every update
+                worker = stack.enter_context(RolloutGroup(
+                    policy, ro.num_workers, ro.render_speech, ro.cpus_per_worker, ro.gpus_per_worker, ro.timeout_s,
+                    ro.max_restarts, address=recipe.ray.address, torch_threads=ro.torch_threads,
+                ))
+                say(f"rollouts: {ro.num_workers} Ray workers")
+            else:
+                worker = RolloutWorker(policy, render_speech=ro.render_speech)
             trainer = RLTrainer(policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, run.seed, reward_workers, critic)
             cursor = PromptCursor(rl_prompts, run.seed)
             first, rows = 0, []

@@ -27,6 +27,7 @@ from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling, SequenceBatch
 from vocalign.rewards import RewardSpec, score
 from vocalign.rewards.workers import RewardWorkers
+from vocalign.rollouts.sync import state_checksum
 from vocalign.rollouts.worker import RolloutWorker
 
 from . import algorithms as alg
@@ -185,6 +186,12 @@ class RLTrainer:
         t_start = time.perf_counter()
         rollouts, totals, metrics, timing = self._collect(cursor, step)
         metrics.update(timing)
+        stale = sorted({r.weight_version for r in rollouts} - {self.version})
+        if stale:  # on-policy: every rollout must come from the weights just synced
+            raise RuntimeError(
+                f"rollouts generated with weight version(s) {stale} at trainer version {self.version}: "
+                "a rollout worker did not take the last weight sync"
+            )
         t1 = time.perf_counter()
         N = len(rollouts)
         # the audio encoder is frozen: encode this step's prompts once, in one batch
@@ -281,11 +288,17 @@ class RLTrainer:
         if self.kl_coef > 0:
             self.kl_coef = self.kl_controller.update(measured_kl, N)
         self.version += 1
+        sync: dict[str, float] = {}
         if self.worker.policy is self.policy:
             self.worker.version = self.version  # in-process: the worker shares the trainer's weights
         else:
+            # rollout workers hold replicas: send the trainable state (the adapter only under
+            # LoRA), then check every worker holds this version with this checksum
             with self.backend.full_parameters():
-                self.worker.load_weights(self.policy.trainable_state(), self.version)
+                state = self.policy.trainable_state()
+            sync = self.worker.load_weights(state, self.version) or {}
+            if hasattr(self.worker, "verify"):
+                self.worker.verify(self.version, state_checksum(state))
         t4 = time.perf_counter()
         # -- metrics ---------------------------------------------------------------------------
         text_tokens = [sum(1 for i in r.response_ids if not self.policy.tokenizer.is_audio(i)) for r in rollouts]
@@ -308,6 +321,8 @@ class RLTrainer:
             "time/update_s": t3 - t2,
             "time/sync_s": t4 - t3,
             "time/advantage_s": t2 - t1,
+            "sync/bytes": float(sync.get("bytes", 0.0)),
+            "rollouts/restarts": float(getattr(self.worker, "restarts", 0)),
             "throughput/tokens_per_s": generated / step_s,
             "throughput/samples_per_s": N / step_s,
         })
