@@ -144,6 +144,8 @@ class RolloutConfig:
     torch_threads: int = 1  # torch threads inside each worker
     timeout_s: float = 600.0  # a worker call taking longer is treated as a dead worker
     max_restarts: int = 3  # restarts of dead workers allowed within one call before the run fails
+    # one step off-policy: generate step k+1's rollouts (weights v) while step k updates to v+1
+    async_generation: bool = False
     tools: list[str] = field(default_factory=list)  # tools the policy may call (multi-turn rollouts)
     max_turns: int = 2  # tool calls per response at most
     tool_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tool, e.g. {retrieval: {root: docs/}}
@@ -212,6 +214,8 @@ def check_recipe(recipe: Recipe) -> None:
         problems.append(f"kl.coef={recipe.kl.coef} must be >= 0")
     if recipe.rollouts.num_workers < 0 or recipe.rollouts.max_turns < 1:
         problems.append("rollouts.num_workers must be >= 0 (0: in-process) and rollouts.max_turns >= 1")
+    if recipe.rollouts.async_generation and (recipe.rollouts.num_workers < 1 or rl.dynamic_sampling):
+        problems.append("rollouts.async_generation needs rollouts.num_workers >= 1 and rl.dynamic_sampling=false")
     if rl.dynamic_sampling and rl.algorithm != "grpo":
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     if rl.algorithm == "ppo" and rl.advantage != "group":

@@ -226,7 +226,8 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 say(f"rollouts: {ro.num_workers} Ray workers")
             else:
                 worker = RolloutWorker(policy, render_speech=ro.render_speech)
-            trainer = RLTrainer(policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, run.seed, reward_workers, critic)
+            trainer = RLTrainer(policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, run.seed, reward_workers, critic,
+                                async_generation=ro.async_generation)
             cursor = PromptCursor(rl_prompts, run.seed)
             first, rows = 0, []
             if resuming_rl:
@@ -254,7 +255,9 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 if i + 1 == cfg.steps:
                     summary["rl"] = _rl_summary(rows, evaluate(worker, held_out, recipe, reward_workers, gather=trainer.backend.full_parameters))
                 if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
-                    more = {"lora_config": lora, "cursor": cursor.position, "algorithm": cfg.algorithm, **trainer.state()}
+                    # prompts whose rollouts are still being generated (async) are generated again after a resume
+                    position = cursor.position - (cfg.prompts_per_step if trainer.pending else 0)
+                    more = {"lora_config": lora, "cursor": position, "algorithm": cfg.algorithm, **trainer.state()}
                     with trainer.backend.full_parameters():
                         save_checkpoint(policy, run_dir, step, checkpoint_state("rl", i + 1, **more), run.keep_last,
                                         run.keep_every, extra=trainer.save)

@@ -73,6 +73,7 @@ class RLTrainer:
     def __init__(
         self, policy: Policy, worker: RolloutWorker, rewards: list[RewardSpec], config: RLConfig, loss: LossConfig,
         kl: KLConfig, seed: int, reward_workers: RewardWorkers | None = None, critic: ValueModel | None = None,
+        async_generation: bool = False,
     ) -> None:
         if config.algorithm == "ppo" and critic is None:
             raise ValueError("rl.algorithm=ppo needs a critic (ValueModel)")
@@ -92,6 +93,16 @@ class RLTrainer:
         self.kl_coef = kl.coef
         self.version = 0
         self.last_samples: tuple[list[Rollout], Any] | None = None
+        # one step off-policy: the next step's rollouts are generated while this step updates
+        self.async_generation = async_generation
+        if async_generation and not hasattr(worker, "generate_async"):
+            raise ValueError("rollouts.async_generation needs rollout workers (rollouts.num_workers >= 1)")
+        self._pending: Any = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the next step's rollouts are being generated already (async generation)."""
+        return self._pending is not None
 
     # -- checkpoint state ----------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -122,11 +133,22 @@ class RLTrainer:
                 backend.close()
 
     # -- the step ------------------------------------------------------------------------
-    def _rollout_round(self, prompts: list[Prompt], step: int, round_: int, timing: dict[str, float]) -> tuple[list[Rollout], Any]:
-        seed = self.seed * 1_000_003 + step + 100_003 * round_
+    def _seed(self, step: int, round_: int) -> int:
+        return self.seed * 1_000_003 + step + 100_003 * round_
+
+    def _rollout_round(self, prompts: list[Prompt], step: int, round_: int, timing: dict[str, float],
+                       cursor: PromptCursor | None = None) -> tuple[list[Rollout], Any]:
         t0 = time.perf_counter()
-        with self.backend.full_parameters():
-            rollouts = self.worker.generate(prompts, self.config.group_size, self.sampling, seed=seed)
+        if round_ == 0 and self._pending is not None:  # generated during the last update (one version behind)
+            rollouts, self._pending = self.worker.collect(self._pending), None
+        else:
+            with self.backend.full_parameters():
+                rollouts = self.worker.generate(prompts, self.config.group_size, self.sampling, seed=self._seed(step, round_))
+        if round_ == 0 and self.async_generation and cursor is not None:
+            # the next step's rollouts, generated with the weights of now while this step updates
+            self._pending = self.worker.generate_async(
+                cursor.take(self.config.prompts_per_step), self.config.group_size, self.sampling, seed=self._seed(step + 1, 0)
+            )
         t1 = time.perf_counter()
         scores = score(rollouts, self.rewards, self.reward_workers)
         timing["time/rollout_s"] += t1 - t0
@@ -137,7 +159,8 @@ class RLTrainer:
         """Rollouts and their total rewards; with dynamic sampling, only groups whose rewards differ."""
         cfg, G = self.config, self.config.group_size
         timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
-        rollouts, scores = self._rollout_round(cursor.take(cfg.prompts_per_step), step, 0, timing)
+        prompts = [] if self._pending is not None else cursor.take(cfg.prompts_per_step)
+        rollouts, scores = self._rollout_round(prompts, step, 0, timing, cursor)
         self.last_samples = (rollouts, scores)  # the first round as scored, for sample tables
         reward_metrics = scores.metrics()
         totals = torch.tensor(scores.total, dtype=torch.float32)
@@ -186,12 +209,14 @@ class RLTrainer:
         t_start = time.perf_counter()
         rollouts, totals, metrics, timing = self._collect(cursor, step)
         metrics.update(timing)
-        stale = sorted({r.weight_version for r in rollouts} - {self.version})
-        if stale:  # on-policy: every rollout must come from the weights just synced
+        allowed = 1 if self.async_generation else 0
+        stale = sorted(v for v in {r.weight_version for r in rollouts} if not 0 <= self.version - v <= allowed)
+        if stale:  # every rollout from the weights just synced (or the ones before, with async generation)
             raise RuntimeError(
-                f"rollouts generated with weight version(s) {stale} at trainer version {self.version}: "
-                "a rollout worker did not take the last weight sync"
+                f"rollouts generated with weight version(s) {stale} at trainer version {self.version} "
+                f"(allowed staleness {allowed}): a rollout worker did not take the last weight sync"
             )
+        metrics["rollouts/staleness"] = float(max(self.version - r.weight_version for r in rollouts))
         t1 = time.perf_counter()
         N = len(rollouts)
         # the audio encoder is frozen: encode this step's prompts once, in one batch

@@ -26,8 +26,9 @@ RUN = [
 SAME = ("reward/mean", f"reward/{TEXT_REWARD}", "loss", "kl", "clip_frac", "response/tokens", "entropy")
 
 
-def _run(tmp_path: Path, workers: int) -> list[dict]:
-    recipe = load_recipe("demo", [*RUN, f"rollouts.num_workers={workers}", f"run.output_dir={tmp_path / str(workers)}"], Recipe)
+def _run(tmp_path: Path, workers: int, *more: str) -> list[dict]:
+    out = tmp_path / f"{workers}{len(more)}"
+    recipe = load_recipe("demo", [*RUN, f"rollouts.num_workers={workers}", f"run.output_dir={out}", *more], Recipe)
     recipe.rewards.append(RewardSpec(TEXT_REWARD, weight=0.01))
     return read_metrics(train(recipe, "demo") / "metrics.jsonl")
 
@@ -41,3 +42,14 @@ def test_two_ray_workers_train_as_in_process(tmp_path: Path) -> None:
         assert a["sync/bytes"] == 0  # in-process: the worker shares the trainer's weights
         assert b["sync/bytes"] > 0 and b["rollouts/restarts"] == 0  # the adapter went to the workers
     assert remote[-1]["grad_norm"] > 0
+
+
+def test_async_generation_is_one_step_off_policy(tmp_path: Path) -> None:
+    """Step k+1's rollouts are generated while step k updates: they come from the weights
+    one version behind the trainer's (the first step's are on-policy), and the clipped
+    ratio sees the difference."""
+    rows = _run(tmp_path, 2, "rollouts.async_generation=true", "rl.minibatches=1")
+    assert [r["rollouts/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["clip_frac"] == 0.0 and rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[2]["approx_kl"] > 1e-6  # sampled by the weights before the last update
+    assert all(r["sync/bytes"] > 0 and r["rollouts/restarts"] == 0 for r in rows)
