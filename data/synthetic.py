@@ -30,6 +30,8 @@ Tasks (see `TASKS`, or call `make_task(name, n, seed, **kw)`):
   or by a female/male voice; the question asks about one attribute.
 - `styled_speech`: a text instruction `say "X" slowly` (no question audio: the skill
   is producing speech in a style, not hearing one); answer is X spoken in that style.
+- `tool_use`: questions that need a tool call (calculator, audio_search); see
+  `vocalign.data.tool_tasks`.
 """
 
 from __future__ import annotations
@@ -360,11 +362,19 @@ def styled_speech(n: int, seed: int, *, max_attributes: int = 1) -> list[Prompt]
     return prompts
 
 
+def tool_use(n: int, seed: int, **kw) -> list[Prompt]:
+    """Questions that need a tool; see `vocalign.data.tool_tasks.tool_use` (imported when used)."""
+    from vocalign.data.tool_tasks import tool_use as make
+
+    return make(n, seed, **kw)
+
+
 TASKS: dict[str, Callable[..., list[Prompt]]] = {
     "arithmetic": arithmetic,
     "transcription": transcription,
     "perception": perception,
     "styled_speech": styled_speech,
+    "tool_use": tool_use,
 }
 
 

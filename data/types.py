@@ -114,6 +114,13 @@ class Rollout:
     # the whole response as the model wrote it, tags included ("<think>...</think>7<tts_start>...<|EOT|>")
     raw_text: str = ""
     think_tokens: int = 0  # policy tokens inside <think>...</think>
+    # Multi-turn tool use (vocalign.rollouts.multiturn): response_ids then holds every
+    # assistant turn and the tool results inserted between them. loss_mask is 1 per token
+    # the policy generated and 0 per inserted token (whose logprob is 0.0); None means
+    # every token is the policy's.
+    loss_mask: list[int] | None = None
+    tool_results: list[dict[str, Any]] = field(default_factory=list)  # {name, ok, text, turn, data} per call run
+    voice: str | None = None  # the voice the speech was rendered in when a tool chose one (audio_search)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def test_every_task_gives_valid_prompts(name):
         "transcription": {"transcript"},
         "perception": {"attribute", "label", "choices", "text", "voice"},
         "styled_speech": {"text", "style"},
+        "tool_use": {"expected_tool", "expected_args"},
     }[name]
     for p in prompts:
         assert p.task == name
