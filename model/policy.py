@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,8 +172,10 @@ class Policy:
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: PromptBatch, n: int, sampling: Sampling, seed: int = 0) -> list[Generation]:
-        """`n` samples per prompt, grouped by prompt. Seeded per (seed, prompt id, sample)."""
+    def generate(self, batch: PromptBatch, n: int, sampling: Sampling, seed: int = 0, stop_ids: Sequence[int] = ()) -> list[Generation]:
+        """`n` samples per prompt, grouped by prompt. Seeded per (seed, prompt id, sample).
+
+        A row stops at the end of turn or at any of `stop_ids` (e.g. `</tool_call>`), which it keeps."""
         rows = [(i, j) for i in range(len(batch.prompts)) for j in range(n)]
         seq = self.sequences([batch.ids[i] for i, _ in rows], [[] for _ in rows], [batch.encoded[i] for i, _ in rows])
         ids, mask = seq.input_ids[:, : seq.prompt_len], seq.attention_mask[:, : seq.prompt_len]
@@ -191,11 +193,12 @@ class Policy:
         logps = torch.zeros(B, T, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         lengths = torch.full((B,), T, device=self.device)
+        stops = torch.tensor([self.tokenizer.eot_id, *stop_ids], device=self.device)
         for t in range(T):
             tok, lp = _sample(logits[:, -1], uniforms[:, t], sampling)
             tok = torch.where(done, self.tokenizer.pad_id, tok)
             out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
-            newly = ~done & (tok == self.tokenizer.eot_id)
+            newly = ~done & torch.isin(tok, stops)
             lengths = torch.where(newly, t + 1, lengths)
             done |= newly
             if bool(done.all()) or t == T - 1:

@@ -189,7 +189,9 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 if i + 1 == cfg.steps:
-                    summary["sft"] = evaluate(RolloutWorker(policy, recipe.rollouts.render_speech), held_out, recipe, reward_workers)
+                    ro = recipe.rollouts
+                    sft_worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
+                    summary["sft"] = evaluate(sft_worker, held_out, recipe, reward_workers)
                     say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
                 if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
                     save_checkpoint(policy, run_dir, step, checkpoint_state("sft", i + 1), run.keep_last, run.keep_every, extra=sft.save)
@@ -225,7 +227,9 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 ))
                 say(f"rollouts: {ro.num_workers} Ray workers")
             else:
-                worker = RolloutWorker(policy, render_speech=ro.render_speech)
+                worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
+                if ro.tools:
+                    say(f"rollouts: tools {', '.join(ro.tools)}, up to {ro.max_turns} calls per response")
             trainer = RLTrainer(policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, run.seed, reward_workers, critic,
                                 async_generation=ro.async_generation)
             cursor = PromptCursor(rl_prompts, run.seed)

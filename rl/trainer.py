@@ -326,9 +326,11 @@ class RLTrainer:
                 self.worker.verify(self.version, state_checksum(state))
         t4 = time.perf_counter()
         # -- metrics ---------------------------------------------------------------------------
-        text_tokens = [sum(1 for i in r.response_ids if not self.policy.tokenizer.is_audio(i)) for r in rollouts]
-        audio_tokens = [len(r.response_ids) - t for r, t in zip(rollouts, text_tokens)]
-        generated = sum(len(r.response_ids) for r in rollouts)
+        # tokens the policy generated (inserted tool results left out)
+        own = [[i for i, k in zip(r.response_ids, p) if k] for r, p in zip(rollouts, produced)]
+        text_tokens = [sum(1 for i in ids if not self.policy.tokenizer.is_audio(i)) for ids in own]
+        audio_tokens = [len(ids) - t for ids, t in zip(own, text_tokens)]
+        generated = sum(len(ids) for ids in own)
         step_s = time.perf_counter() - t_start
         metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         metrics.update({

@@ -14,6 +14,7 @@ weights with `weight_checksum` (see rollouts/sync.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,10 +26,13 @@ from .sync import live_state, restore_policy, state_checksum
 
 
 class RolloutWorker:
-    def __init__(self, policy: Policy, render_speech: bool = True) -> None:
+    def __init__(self, policy: Policy, render_speech: bool = True, tools: Sequence[str] = (), max_turns: int = 2,
+                 tool_options: dict[str, dict[str, Any]] | None = None) -> None:
         self.policy = policy
         self.render_speech = render_speech and policy.detokenizer is not None
         self.version = 0
+        # multi-turn tool use: a response may call these tools up to max_turns times
+        self.tools, self.max_turns, self.tool_options = list(tools), max_turns, tool_options or None
         self._synced_names: list[str] | None = None  # keys of the last state loaded
 
     # -- weights -------------------------------------------------------------------------
@@ -59,6 +63,13 @@ class RolloutWorker:
     # -- generation and scoring ----------------------------------------------------------
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
         """`n` rollouts per prompt, grouped by prompt (rollout i*n+j is sample j of prompt i)."""
+        if self.tools:
+            from .multiturn import generate_with_tools
+
+            return generate_with_tools(
+                self.policy, prompts, n, sampling, seed, self.tools, self.max_turns, self.render_speech,
+                self.tool_options, self.version,
+            )
         batch = self.policy.encode_prompts(prompts)
         rollouts = []
         for gen in self.policy.generate(batch, n, sampling, seed=seed):
