@@ -44,6 +44,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -384,7 +385,9 @@ def calculate(expression: str) -> int | float:
     text = expression.replace("^", "**").replace("×", "*").replace("÷", "/")
     text = re.sub(r"\s[xX]\s", " * ", text).strip()  # "3 x 4"
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: the model's text, not our bug
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
     except SyntaxError:
         raise ToolCallError(f"{expression!r} is not an arithmetic expression") from None
     return _evaluate(tree.body)
