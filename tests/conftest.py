@@ -23,3 +23,19 @@ import torch  # noqa: E402
 
 if _one_thread:
     torch.set_num_threads(1)  # in case torch was imported before this file
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_running():
+    """Shut down a Ray that a test module's run loop started, so the next module starts its
+    own, with its own working directory and path for the actors (reward modules written
+    to a temporary folder are found through that path)."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
