@@ -101,13 +101,15 @@ def clipped_policy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token ([B, T]) and whether each token was clipped.
 
-    `advantages` is per sequence ([B]) and applies to every token of it. The ratio is
+    `advantages` is per sequence ([B], applied to every token of it; the GRPO family) or
+    per token ([B, T]; PPO's GAE). The ratio is
     clipped to [1 - clip_eps, 1 + clip_high]; `clip_high` defaults to `clip_eps`, and a
     larger one (DAPO's "clip-higher", e.g. 0.28 with 0.2) leaves unlikely tokens more
     room to grow. `ratio_max` caps the ratio of negative-advantage tokens (dual clip).
     """
     return _clipped_surrogate(
-        torch.exp(logprobs - old_logprobs), advantages.unsqueeze(-1), clip_eps, clip_high, ratio_max
+        torch.exp(logprobs - old_logprobs), advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages,
+        clip_eps, clip_high, ratio_max,
     )
 
 

@@ -39,7 +39,7 @@ from .config import Recipe, TaskSpec, check_recipe
 from .critic import ValueModel
 from .recipe import to_dict
 from .sft import SFTTrainer
-from .tracking import RunTracker, read_metrics
+from .tracking import RunTracker, read_metrics, reward_components
 from .trainer import PromptCursor, RLTrainer
 
 GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
@@ -280,5 +280,5 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
 
 def _rl_summary(rows: list[dict], evaluation: dict[str, float]) -> dict:
     """The total and each reward component over the first and the last 10% of RL steps, and the evaluation."""
-    keys = ["reward/mean"] + [k for k in rows[0] if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean"]
+    keys = reward_components(rows)
     return {**{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()}, "eval": evaluation}

@@ -373,11 +373,8 @@ class RLTrainer:
             clip_frac = clipped.float().mean()
             log_ratio = alg.sequence_log_ratio(logprobs, old, m).unsqueeze(-1)
         else:
-            if adv.dim() == 1:
-                token_loss, clipped = alg.clipped_policy_loss(logprobs, old, adv, lc.clip_low, lc.clip_high, lc.ratio_max)
-            else:
-                ratio = torch.exp(logprobs - old)
-                token_loss, clipped = alg._clipped_surrogate(ratio, adv[:, :T], lc.clip_low, lc.clip_high, lc.ratio_max)
+            adv = adv if adv.dim() == 1 else adv[:, :T]  # per sequence (GRPO family) or per token (PPO)
+            token_loss, clipped = alg.clipped_policy_loss(logprobs, old, adv, lc.clip_low, lc.clip_high, lc.ratio_max)
             clip_frac = alg.masked_mean(clipped.float(), m)
             log_ratio = logprobs - old
         if self.kl_coef > 0 and kc.mode == "loss":

@@ -39,3 +39,21 @@ def _no_ray_left_running():
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_deepspeed_process_group():
+    """The DeepSpeed backend sets the single-process rendezvous variables and starts a gloo
+    group; both are undone after the module, so later tests (accelerate, TRL) see a plain process."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    if torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -24,7 +24,6 @@ Nothing is compiled: one CPU process skips DeepSpeed's shared-memory all-reduce 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +64,7 @@ def make_policy() -> Policy:
     return policy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    """The backends set the single-process rendezvous variables and start a gloo group;
-    both are undone after this file, so later tests (accelerate, TRL) see a plain process."""
-    import deepspeed.comm
-
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    if torch.distributed.is_initialized():
-        deepspeed.comm.destroy_process_group()
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+pytestmark = pytest.mark.usefixtures("one_deepspeed_process_group")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ loaded back and compared with the weights the run started from.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,7 @@ RUN = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    """The backend sets single-process rendezvous variables and starts a gloo group; undo both after."""
-    import deepspeed.comm
-
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    if torch.distributed.is_initialized():
-        deepspeed.comm.destroy_process_group()
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+pytestmark = pytest.mark.usefixtures("one_deepspeed_process_group")  # see conftest.py
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
