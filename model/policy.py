@@ -86,6 +86,11 @@ class SequenceBatch:
     response_mask: torch.Tensor
     prompt_len: int
     encoded: list[torch.Tensor]  # encoder frames of every clip, in row order
+    # rows that share a prompt (a GRPO group): each row's index into the distinct prompts,
+    # and the first row of each distinct prompt; None when every row's prompt is its own
+    prompt_of_row: list[int] | None = None
+    prompt_rows: list[int] | None = None
+    clips_per_row: list[int] | None = None
 
 
 def place_audio(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, frames: torch.Tensor, fix: str) -> torch.Tensor:
@@ -132,6 +137,11 @@ class Policy:
         self.tokenizer = tokenizer
         self.detokenizer = detokenizer
         self.lora = False
+        # how `generate` samples: "auto" (the fast decoder where it runs the model, else
+        # transformers), "fast" (the fast decoder, or an error) or "hf" (transformers)
+        self.decode_engine = "auto"
+        # training forward: run each distinct prompt of a batch once (see response_logits)
+        self.shared_prompt_forward = True
         self._reference: nn.Module | None = None  # full weights: a frozen copy (keep_reference)
 
     # -- inputs --------------------------------------------------------------------------
@@ -159,11 +169,21 @@ class Policy:
             rows.append([pad] * (P - len(p)) + list(p) + list(r) + [pad] * (R - len(r)))
             mask.append([0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)))
             rmask.append([1] * len(r) + [0] * (R - len(r)))
+        # the same prompt: the same ids and the same encoded clips (the same tensors, as a
+        # prompt's clips are encoded once and shared by its samples)
+        distinct: dict[tuple, int] = {}
+        prompt_of_row = [distinct.setdefault((tuple(p), tuple(id(e) for e in frames)), len(distinct))
+                         for p, frames in zip(prompt_ids, encoded)]
+        first = {}
+        for row, k in enumerate(prompt_of_row):
+            first.setdefault(k, row)
         device = self.device
         return SequenceBatch(
             input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
             response_mask=torch.tensor(rmask, device=device, dtype=torch.float32), prompt_len=P,
             encoded=[e for frames in encoded for e in frames],
+            prompt_of_row=prompt_of_row if len(distinct) < len(rows) else None,
+            prompt_rows=[first[k] for k in range(len(distinct))], clips_per_row=[len(frames) for frames in encoded],
         )
 
     @property
@@ -188,14 +208,19 @@ class Policy:
         self.model.eval()
         embeds = self.model.input_embeddings(ids, seq.encoded)
         positions = _positions(mask)
-        logits, past = self.model.decode(embeds, mask, positions, use_cache=True)
+        engine = self.decoder_for_sampling()
+        if engine is not None:
+            last = engine.prefill(embeds, mask, positions, capacity=ids.shape[1] + T)
+        else:
+            logits, past = self.model.decode(embeds, mask, positions, use_cache=True)
+            last = logits[:, -1]
         out = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         logps = torch.zeros(B, T, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         lengths = torch.full((B,), T, device=self.device)
         stops = torch.tensor([self.tokenizer.eot_id, *stop_ids], device=self.device)
         for t in range(T):
-            tok, lp = _sample(logits[:, -1], uniforms[:, t], sampling)
+            tok, lp = _sample(last, uniforms[:, t], sampling)
             tok = torch.where(done, self.tokenizer.pad_id, tok)
             out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
             newly = ~done & torch.isin(tok, stops)
@@ -203,10 +228,14 @@ class Policy:
             done |= newly
             if bool(done.all()) or t == T - 1:
                 break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
             embeds = self.model.input_embeddings(tok.unsqueeze(1), None)
-            logits, past = self.model.decode(embeds, mask, positions, cache=past, use_cache=True)
+            if engine is not None:
+                last = engine.step(embeds, positions)
+            else:
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
+                logits, past = self.model.decode(embeds, mask, positions, cache=past, use_cache=True)
+                last = logits[:, -1]
         self.model.train(was_training)
         gens = []
         for r, (i, j) in enumerate(rows):
@@ -214,9 +243,33 @@ class Policy:
             gens.append(Generation(i, j, out[r, :L].tolist(), logps[r, :L].tolist(), bool(done[r])))
         return gens
 
+    def decoder_for_sampling(self):
+        """The engine `generate` samples with: a `FastDecoder` over the current weights when
+        `decode_engine` is "fast", or "auto" and the model is one it runs; else None
+        (sample through the model's own `decode`)."""
+        choice = getattr(self, "decode_engine", "auto")
+        if choice == "hf":
+            return None
+        from .engine import FastDecoder
+
+        reason = FastDecoder.unsupported(self.model)
+        if reason is None:
+            return FastDecoder(self.model)
+        if choice == "fast":
+            raise ValueError(f"rollouts.engine is 'fast' but the fast decoder cannot run this model: {reason}; "
+                             "set rollouts.engine: auto (or hf) to sample through transformers")
+        return None
+
     # -- training forward ----------------------------------------------------------------
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """Logits that predict each response token: [B, R, V]."""
+        """Logits that predict each response token: [B, R, V].
+
+        When rows share prompts (the samples of a GRPO group) and `shared_prompt_forward`
+        is on, each distinct prompt runs once and its KV cache is reused by its rows'
+        responses: the same logits (within float rounding) and gradients, without
+        computing a prompt's forward and backward once per sample."""
+        if batch.prompt_of_row is not None and getattr(self, "shared_prompt_forward", True):
+            return self._shared_prompt_logits(batch)
         P = batch.prompt_len
         # Audio goes into the prompt's placeholders only: a response may contain the
         # placeholder token too (sampling can pick it), and generation embedded it as a token.
@@ -226,6 +279,28 @@ class Policy:
         ], dim=1)
         logits, _ = self.model.decode(embeds, batch.attention_mask, _positions(batch.attention_mask))
         return logits[:, P - 1 : -1]
+
+    def _shared_prompt_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        P, first = batch.prompt_len, batch.prompt_rows
+        starts = [0]
+        for n in batch.clips_per_row:
+            starts.append(starts[-1] + n)
+        clips = [batch.encoded[k] for row in first for k in range(starts[row], starts[row + 1])]
+        prompt_mask = batch.attention_mask[first, :P]
+        embeds = self.model.input_embeddings(batch.input_ids[first, :P], clips)
+        prompt_logits, cache = self.model.decode(embeds, prompt_mask, _positions(prompt_mask), use_cache=True)
+        if cache is None:
+            raise RuntimeError(
+                f"{type(self.model).__name__}.decode returned no KV cache with use_cache=True, so rows cannot share their "
+                "prompt's forward; return the cache, or set policy.shared_prompt_forward = False"
+            )
+        index = torch.tensor(batch.prompt_of_row, device=batch.input_ids.device)
+        cache.batch_select_indices(index)  # each row reads its prompt's keys and values (differentiably)
+        responses = self.model.input_embeddings(batch.input_ids[:, P:], None)
+        logits, _ = self.model.decode(
+            responses, batch.attention_mask, _positions(batch.attention_mask)[:, P:], cache=cache, use_cache=True,
+        )
+        return torch.cat([prompt_logits[index, -1:], logits[:, :-1]], dim=1)
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
         """Per-token log-probabilities of the response tokens under `temperature`: [B, R]."""

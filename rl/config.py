@@ -110,6 +110,9 @@ class RLConfig:
     backend: Literal["torch", "deepspeed"] = "torch"  # deepspeed: full weights through ZeRO (rl.lora.enabled=false)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    # the training forward runs each distinct prompt once and its samples reuse its KV cache
+    # (same log-probs and gradients; a group of 8 computes its prompt once, not 8 times)
+    shared_prompt_forward: bool = True
 
 
 @dataclass
@@ -146,6 +149,10 @@ class RolloutConfig:
     max_restarts: int = 3  # restarts of dead workers allowed within one call before the run fails
     # one step off-policy: generate step k+1's rollouts (weights v) while step k updates to v+1
     async_generation: bool = False
+    # sampling: "auto" = vocalign's fast decoder (merged LoRA, fused projections, in-place KV
+    # cache) where it runs the model (Qwen2-family LMs), else transformers; "fast": it or an
+    # error; "hf": always through transformers
+    engine: Literal["auto", "fast", "hf"] = "auto"
     tools: list[str] = field(default_factory=list)  # tools the policy may call (multi-turn rollouts)
     max_turns: int = 2  # tool calls per response at most
     tool_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tool, e.g. {retrieval: {root: docs/}}

@@ -45,6 +45,14 @@ from .trainer import PromptCursor, RLTrainer
 GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 
+
+def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
+    """Apply the recipe's choices of how the policy samples (`rollouts.engine`) and runs its
+    training forward (`rl.shared_prompt_forward`) to a freshly loaded policy."""
+    policy.decode_engine = recipe.rollouts.engine
+    policy.shared_prompt_forward = recipe.rl.shared_prompt_forward
+    return policy
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -156,6 +164,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         if resume_from:
             say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
         policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
+        configure_policy(policy, recipe)
         n_params = sum(p.numel() for p in policy.model.parameters())
         say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters")
         t = time.perf_counter()
@@ -171,7 +180,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         # -- stage 1: supervised warm start ------------------------------------------
         sft_done = state.get("stage") == "rl" or (state.get("stage") == "sft" and state["stage_step"] >= recipe.sft.steps)
         if resume_from and state["stage"] == "sft":
-            policy = load_policy(resume_from)
+            policy = configure_policy(load_policy(resume_from), recipe)
         if recipe.sft.steps > 0 and not sft_done:
             cfg = recipe.sft
             sft = SFTTrainer(policy, sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, run.seed)
@@ -203,7 +212,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
             resuming_rl = resume_from is not None and state["stage"] == "rl"
             base = run_dir / "checkpoints" / "base"  # the weights RL starts from
             if resuming_rl:
-                policy = load_policy(base if lora else resume_from)
+                policy = configure_policy(load_policy(base if lora else resume_from), recipe)
                 if not lora and recipe.kl.coef > 0:
                     policy.keep_reference(load_policy(base).model)  # the reference is where RL started
             elif lora or recipe.kl.coef > 0:
