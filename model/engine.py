@@ -50,8 +50,9 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | str:
     return base, head
 
 
-def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    """(weight, bias) of a linear layer as it computes now: active LoRA adapters merged in."""
+def _linear(module: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """(weight, bias) of a linear layer as it computes now: active LoRA adapters merged in
+    (with `merge=False` only checked, the base weight returned)."""
     base = getattr(module, "base_layer", None)
     if base is None:
         if not isinstance(module, nn.Linear):
@@ -66,7 +67,8 @@ def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str
                 continue
             if getattr(module, "use_dora", {}).get(name, False):
                 return "DoRA adapters are not supported"
-            weight = weight + module.get_delta_weight(name).to(weight.dtype)
+            if merge:
+                weight = weight + module.get_delta_weight(name).to(weight.dtype)
     return weight, base.bias
 
 
@@ -102,10 +104,10 @@ class FastDecoder:
             ):
                 return f"layer {i} ({type(layer).__name__}) lacks Qwen2's q/k/v/o and gate/up/down projections"
             for name, module in [*((n, getattr(attn, n)) for n in cls.ATTENTION_LAYER), *((n, getattr(mlp, n)) for n in cls.MLP_LAYER)]:
-                got = _linear(module)
+                got = _linear(module, merge=False)
                 if isinstance(got, str):
                     return f"layer {i} {name}: {got}"
-        got = _linear(head)
+        got = _linear(head, merge=False)
         if isinstance(got, str):
             return f"lm_head: {got}"
         if any(p.numel() == 0 for p in decoder.parameters()) or got[0].numel() == 0:
@@ -181,9 +183,22 @@ class FastDecoder:
         return _mm(hidden, self.head, self.head_bias).float()
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Run the (left-padded) prompts: embeds [B, P, H], mask [B, P] (1 = token), positions [B, P];
-        allocate room for `capacity` positions in all. Returns the last position's logits [B, V]."""
+    def prefill(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the (left-padded) prompts: embeds [U, P, H], mask [U, P] (1 = token), positions [U, P];
+        allocate room for `capacity` positions in all. `rows` [B] (optional) gives each
+        sequence's prompt: a prompt sampled n times runs once and its cache is copied to
+        its n rows. Returns the last position's logits [B, V] (U without `rows`)."""
+        logits = self._prefill(embeds, mask, positions, capacity)
+        if rows is None:
+            return logits
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+        return logits.index_select(0, rows)
+
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int) -> torch.Tensor:
         B, P, _ = embeds.shape
         if capacity < P:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {P}")

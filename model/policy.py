@@ -23,6 +23,7 @@ from torch import nn
 
 from vocalign.data.types import Prompt
 
+from .lora import fuse_lora
 from .tokenizer import ChatTokenizer
 
 
@@ -206,12 +207,17 @@ class Policy:
         ]).to(self.device)
         was_training = self.model.training
         self.model.eval()
-        embeds = self.model.input_embeddings(ids, seq.encoded)
         positions = _positions(mask)
         engine = self.decoder_for_sampling()
-        if engine is not None:
-            last = engine.prefill(embeds, mask, positions, capacity=ids.shape[1] + T)
+        if engine is not None:  # each prompt's prefill runs once for its n samples
+            once = self.sequences(batch.ids, [[] for _ in batch.ids], batch.encoded)
+            P = once.prompt_len
+            embeds = self.model.input_embeddings(once.input_ids[:, :P], once.encoded)
+            prompt_of_row = torch.tensor([i for i, _ in rows], device=self.device)
+            last = engine.prefill(embeds, once.attention_mask[:, :P], _positions(once.attention_mask[:, :P]),
+                                  capacity=P + T, rows=prompt_of_row)
         else:
+            embeds = self.model.input_embeddings(ids, seq.encoded)
             logits, past = self.model.decode(embeds, mask, positions, use_cache=True)
             last = logits[:, -1]
         out = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
@@ -311,7 +317,9 @@ class Policy:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probabilities [B, R] and, when `entropy`, the entropy of each
         token's distribution [B, R] (no gradient: it is logged, not trained on)."""
-        logits = self.response_logits(batch).float() / temperature
+        logits = self.response_logits(batch).float()
+        if temperature != 1.0:  # a division by 1 would still copy [B, R, V] (and again in the backward)
+            logits = logits / temperature
         targets = batch.input_ids[:, batch.prompt_len :]
         logp = F.log_softmax(logits, dim=-1)
         taken = torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1) * batch.response_mask
@@ -346,6 +354,7 @@ class Policy:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.lm = get_peft_model(self.model.lm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+        fuse_lora(self.model.lm)  # the same LoRA, its add fused into the matmul (model/lora.py)
         self.lora = True
 
     def freeze_encoder(self) -> None:

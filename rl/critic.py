@@ -35,6 +35,9 @@ class ValueModel(nn.Module):
             targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
             self.body.lm = get_peft_model(self.body.lm, LoraConfig(
                 r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets))
+            from vocalign.model.lora import fuse_lora
+
+            fuse_lora(self.body.lm)
         else:
             for p in self.body.lm.parameters():
                 p.requires_grad_(True)
