@@ -204,8 +204,9 @@ class FastDecoder:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {P}")
         shape = (B, self.n_kv, capacity, self.head_dim)
         dtype, device = self.layers[0]["qkv"].dtype, embeds.device
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        # not zeroed: attention reads positions < length only, and every one of them is written
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
         self.valid = torch.zeros(B, capacity, dtype=torch.bool, device=device)
         self.valid[:, :P] = mask.bool()
         self.length = 0
