@@ -45,10 +45,12 @@ Prints a Markdown table and writes bench/results/trl.json (`--out`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import cProfile
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import pstats
@@ -413,7 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainers", default="ours,trl", help="which to run: ours, trl or both")
+    p.add_argument("--trainers", default="ours,trl,trl+alloc",
+                   help="which to run, in order: ours, trl, trl+alloc (TRL with vocalign's allocator setting)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every trainer in this process instead of a fresh one each (settings carry over)")
     p.add_argument("--cprofile", type=int, default=0, help="profile one extra step of each trainer; print its K costliest functions")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "trl.json"))
     args = p.parse_args(argv)
@@ -422,8 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--variants: {unknown} not known; use some of {', '.join(VARIANTS)}")
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    if not set(args.trainers) <= {"ours", "trl"} or not args.trainers:
-        p.error(f"--trainers={','.join(args.trainers)}: use ours, trl or ours,trl")
+    if not set(args.trainers) <= {"ours", "trl", "trl+alloc"} or not args.trainers:
+        p.error(f"--trainers={','.join(args.trainers)}: use some of ours, trl, trl+alloc")
     for name in ("steps", "warmup", "threads", "prompts", "new_tokens"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
@@ -432,17 +437,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def setup(args: argparse.Namespace) -> ChatTokenizer:
+    """What every run needs, in whichever process it runs: threads, quiet logging, the tokenizer, the reward."""
     global _DECODE
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import trl
-    import transformers
-
     from vocalign.rewards import get_reward, reward
 
     tokenizer = ChatTokenizer(build_tokenizer(0))
@@ -451,9 +453,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         get_reward(REWARD_NAME)
     except ValueError:  # not registered yet (main() may run twice in one process)
         reward(REWARD_NAME)(ours_reward)
+    return tokenizer
+
+
+def run_trainer(name: str, variant: str, folder: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One trainer on one variant. `trl+alloc` is TRL with vocalign's allocator setting
+    (`keep_freed_memory`, which vocalign's trainers apply): it shows how much of the
+    difference that setting alone makes."""
+    tokenizer = setup(args)
+    prompts = make_prompts(args.prompts)
+    if name == "trl+alloc":
+        from vocalign.rl.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise RuntimeError("trl+alloc: keep_freed_memory() did not apply here (not glibc, or VOCALIGN_KEEP_FREED_MEMORY=0)")
+        return run_trl(variant, Path(folder), tokenizer, prompts, args)
+    return {"ours": run_ours, "trl": run_trl}[name](variant, Path(folder), tokenizer, prompts, args)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import trl
+    import transformers
+
+    tokenizer = setup(args)
     prompts = make_prompts(args.prompts)
     samples = args.prompts * args.group
-    runners = {"ours": run_ours, "trl": run_trl}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(args.seed)
@@ -465,7 +490,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in args.variants:
             for name in args.trainers:
                 load_before = os.getloadavg()[0]
-                result = runners[name](variant, Path(folder), tokenizer, prompts, args)
+                if args.same_process:
+                    result = run_trainer(name, variant, folder, args)
+                else:  # a fresh interpreter per run: no allocator state, imports or settings carried over
+                    spawn = multiprocessing.get_context("spawn")
+                    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                        result = pool.submit(run_trainer, name, variant, folder, args).result()
                 row = {"variant": variant, "trainer": name, **summarise(result, samples, args.steps),
                        "load_average_1min": [load_before, os.getloadavg()[0]], "torch_threads": torch.get_num_threads()}
                 rows.append(row)
@@ -482,6 +512,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "tokens_per_s": by["ours"]["tokens_per_s"] / by["trl"]["tokens_per_s"],
                 "cpu_time_trl_over_ours": by["trl"]["mean_cpu_step_s"] / by["ours"]["mean_cpu_step_s"],
             }
+            if "trl+alloc" in by:
+                ratios[variant]["samples_per_s_vs_trl_alloc"] = by["ours"]["samples_per_s"] / by["trl+alloc"]["samples_per_s"]
     prompt_tokens = [len(tokenizer.render_prompt(p.messages, [])) for p in prompts]
     report = {
         "command": "bench/bench_trl.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -502,8 +534,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "seconds per step by where they went:")
     print(table(rows))
     for variant, r in ratios.items():
+        also = (f"; ours / (TRL with vocalign's allocator setting) = {r['samples_per_s_vs_trl_alloc']:.2f}x samples/s"
+                if "samples_per_s_vs_trl_alloc" in r else "")
         print(f"{variant}: ours / TRL = {r['samples_per_s']:.2f}x samples/s, {r['tokens_per_s']:.2f}x tokens/s; "
-              f"TRL's CPU time per step / ours = {r['cpu_time_trl_over_ours']:.2f}")
+              f"TRL's CPU time per step / ours = {r['cpu_time_trl_over_ours']:.2f}{also}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

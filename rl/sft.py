@@ -12,6 +12,7 @@ from vocalign.data.types import Prompt
 from vocalign.model.policy import Policy
 
 from .algorithms import masked_mean
+from .allocator import keep_freed_memory
 
 
 def target_ids(policy: Policy, prompt: Prompt) -> list[int]:
@@ -34,6 +35,7 @@ class SFTTrainer:
         if not prompts:
             raise ValueError("SFT has no prompts; set data.sft_tasks or data.sft_file, or sft.steps=0")
         self.policy, self.prompts, self.batch_size = policy, prompts, batch_size
+        keep_freed_memory()  # see rl/allocator.py
         self.targets = [target_ids(policy, p) for p in prompts]
         self.lr, self.warmup, self.grad_clip = lr, warmup_steps, grad_clip
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=lr, weight_decay=0.0)

@@ -31,6 +31,7 @@ from vocalign.rollouts.sync import state_checksum
 from vocalign.rollouts.worker import RolloutWorker
 
 from . import algorithms as alg
+from .allocator import keep_freed_memory
 from .backends import make_backend
 from .config import KLConfig, LossConfig, RLConfig
 from .critic import ValueModel, value_loss
@@ -80,6 +81,7 @@ class RLTrainer:
         self.policy, self.worker, self.rewards, self.config, self.loss_cfg, self.kl_cfg = policy, worker, rewards, config, loss, kl
         self.seed, self.reward_workers, self.critic = seed, reward_workers, critic
         self.sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
+        keep_freed_memory()  # reuse freed activations' memory instead of page-faulting it back every step
         if kl.coef > 0:
             policy.keep_reference()  # full weights: a frozen copy; under LoRA: nothing (adapters off)
         options = {"zero_stage": config.deepspeed.zero_stage, "config": config.deepspeed.config}
