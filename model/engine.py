@@ -15,8 +15,9 @@ same weights built for that loop:
 Everything else is the model's own code: its embedding, RMSNorms, rotary embedding
 module and LM head are called as they are, and attention is `scaled_dot_product_attention`
 with the model's scaling. The copy is made when generation starts (under ZeRO-3, inside
-the trainer's gather), so it always holds the current weights; it costs one copy of the
-decoder's projection weights, like a colocated inference engine's.
+the trainer's gather), so it always holds the current weights; it costs a copy of the
+fused q/k/v and gate/up weights (of every projection under LoRA, merged), as a colocated
+inference engine holds its own weights.
 
 What it supports: decoders whose layers are Qwen2's (`q/k/v/o_proj`, `gate/up/down_proj`
 with SiLU, full attention; Qwen2, Qwen2-Audio's language model and the embedded
@@ -134,10 +135,12 @@ class FastDecoder:
                 biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for w, b in (q, k, v)]
                 self.layers.append({
                     "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm, "scale": attn.scaling,
-                    "qkv": torch.cat([q[0], k[0], v[0]]).t().contiguous(), "qkv_bias": torch.cat(biases),
-                    "o": o[0].t().contiguous(), "o_bias": o[1],
-                    "gate_up": torch.cat([gate[0], up[0]]).t().contiguous(), "gate_up_bias": _cat_bias(gate[1], up[1], gate[0], up[0]),
-                    "down": down[0].t().contiguous(), "down_bias": down[1],
+                    # [in, out] views: a transposed operand costs the matmul nothing, so only the fused
+                    # (and LoRA-merged) weights are new tensors; o and down are the model's own without LoRA
+                    "qkv": torch.cat([q[0], k[0], v[0]]).t(), "qkv_bias": torch.cat(biases),
+                    "o": o[0].t(), "o_bias": o[1],
+                    "gate_up": torch.cat([gate[0], up[0]]).t(), "gate_up_bias": _cat_bias(gate[1], up[1], gate[0], up[0]),
+                    "down": down[0].t(), "down_bias": down[1],
                 })
             w, b = _linear(head)
             self.head = w.t()  # a view: the LM head (often the tied embedding) is not copied
