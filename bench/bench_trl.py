@@ -1,8 +1,10 @@
 """vocalign's RL trainer against TRL's `GRPOTrainer`: samples per second, side by side.
 
     .venv/bin/python bench/bench_trl.py [--steps 5] [--warmup 1] [--threads 2] [--variants lora,full]
+        [--trainers ours,trl,trl+alloc[,ours-engine,ours-shared,ours-fused,ours-alloc]]
 
-Both trainers run in this one process on the same job:
+Each trainer runs in a fresh Python process (spawned; `--same-process` to run them all in
+this one), on the same job:
 - the same Qwen2 built from a config (hidden 256, 4 layers, 4 heads (2 KV heads),
   intermediate 768, vocabulary = the embedded tokenizer's 1,024 tokens: 3.4M
   parameters), saved once and loaded by both, so both start from the same weights;
@@ -20,6 +22,12 @@ Both trainers run in this one process on the same job:
 - under LoRA (peft; r=16, alpha=32, all seven projections, on both) and under full
   weights.
 
+vocalign runs with its defaults: the fast decoder for sampling, the shared-prompt training
+forward, fused LoRA, and glibc keeping freed memory (`vocalign.rl.allocator`). That last one
+is a process-wide setting TRL could have too, so `trl+alloc` runs TRL with it, and the
+`ours-*` names run vocalign without one of the four (see ABLATIONS) to show what each is
+worth.
+
 TRL runs on CPU in fp32 with `gradient_checkpointing=False` (TRL turns it on by
 default; ours does not checkpoint, so leaving it on would only measure recomputation)
 and plain `torch.optim.AdamW` (`optim="adamw_torch"`, what ours uses), saving and
@@ -27,7 +35,8 @@ reporting nothing. The models are random: responses end at <|EOT|> when the samp
 happens to draw it, so lengths differ a little between trainers; the table gives the
 mean completion length and tokens/s next to samples/s.
 
-Timing: `--warmup` steps first (not timed), then `--steps` timed steps; a step's time is
+Timing: `--warmup` steps first (not timed), then `--steps` timed steps, in each of
+`--repeats` runs per trainer (the trainers take turns, and their steps are pooled); a step's time is
 wall time from the end of the previous step to the end of this one, everything
 included (TRL's bookkeeping and logging too); "CPU s" is the process's CPU time over
 the same span (all threads), which a busy machine disturbs less than wall time. Where the time goes is measured the same
@@ -234,13 +243,27 @@ def build_ours(policy: Policy, args: argparse.Namespace, kl: float) -> Callable[
     return lambda prompts, step: trainer.step(PromptCursor(prompts, args.seed), step)[0]
 
 
-def run_ours(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list[Prompt], args) -> dict[str, Any]:
+ABLATIONS = {  # ours without one of its fast paths: what each is worth
+    "ours-engine": "sampling through transformers (rollouts.engine: hf) instead of the fast decoder",
+    "ours-shared": "each sample's prompt run again in the training forward (rl.shared_prompt_forward: false)",
+    "ours-fused": "peft's own LoRA forward instead of the fused one",
+    "ours-alloc": "glibc's default allocator behaviour (VOCALIGN_KEEP_FREED_MEMORY=0)",
+}
+
+
+def run_ours(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list[Prompt], args, without: str = "") -> dict[str, Any]:
     CLOCK.reset()
     torch.manual_seed(args.seed)
     policy = text_policy(CausalTextLM.from_pretrained(folder), tokenizer)
     if variant.startswith("lora"):
         policy.enable_lora(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=LORA_TARGETS)
+        if without == "ours-fused":
+            from vocalign.model.lora import unfuse_lora
+
+            unfuse_lora(policy.model)
     policy.freeze_encoder()
+    policy.decode_engine = "hf" if without == "ours-engine" else "auto"
+    policy.shared_prompt_forward = without != "ours-shared"
     step_fn = build_ours(policy, args, args.kl if variant.endswith("-kl") else 0.0)
     step_s, cpu_s, metrics = [], [], []
     profile = ""
@@ -367,6 +390,24 @@ def run_trl(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list[
 
 
 # -- report ---------------------------------------------------------------------------------
+def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one trainer as one: their timed steps together, time per phase summed."""
+    breakdown: dict[str, float] = defaultdict(float)
+    for r in results:
+        for k, v in r["breakdown_s"].items():
+            breakdown[k] += v
+    return {
+        "step_s": [s for r in results for s in r["step_s"]],
+        "cpu_step_s": [s for r in results for s in r["cpu_step_s"]],
+        "warmup_s": [s for r in results for s in r["warmup_s"]],
+        "completion_tokens": statistics.mean(r["completion_tokens"] for r in results),
+        "reward": statistics.mean(r["reward"] for r in results),
+        "breakdown_s": dict(breakdown),
+        "own_timing_s": results[0]["own_timing_s"],
+        "profile": next((r["profile"] for r in results if r["profile"]), ""),
+    }
+
+
 def summarise(result: dict[str, Any], samples: int, n_steps: int) -> dict[str, Any]:
     mean_s = statistics.mean(result["step_s"])
     per_step = {k: v / n_steps for k, v in sorted(result["breakdown_s"].items())}
@@ -401,6 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per trainer and variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternating between trainers; steps pooled")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="responses per prompt (TRL num_generations)")
@@ -416,7 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainers", default="ours,trl,trl+alloc",
-                   help="which to run, in order: ours, trl, trl+alloc (TRL with vocalign's allocator setting)")
+                   help="which to run, in order: ours, trl, trl+alloc (TRL with vocalign's allocator setting), and "
+                        "ours without one fast path: " + ", ".join(f"{k} ({v})" for k, v in ABLATIONS.items()))
     p.add_argument("--same-process", action="store_true",
                    help="run every trainer in this process instead of a fresh one each (settings carry over)")
     p.add_argument("--cprofile", type=int, default=0, help="profile one extra step of each trainer; print its K costliest functions")
@@ -427,9 +470,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--variants: {unknown} not known; use some of {', '.join(VARIANTS)}")
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    if not set(args.trainers) <= {"ours", "trl", "trl+alloc"} or not args.trainers:
-        p.error(f"--trainers={','.join(args.trainers)}: use some of ours, trl, trl+alloc")
-    for name in ("steps", "warmup", "threads", "prompts", "new_tokens"):
+    known = {"ours", "trl", "trl+alloc", *ABLATIONS}
+    if not set(args.trainers) <= known or not args.trainers:
+        p.error(f"--trainers={','.join(args.trainers)}: use some of {', '.join(sorted(known))}")
+    if args.same_process and "ours-alloc" in args.trainers:
+        p.error("--trainers ours-alloc needs a fresh process (the allocator setting cannot be undone); drop --same-process")
+    for name in ("steps", "warmup", "threads", "prompts", "new_tokens", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
     if args.group < 2:
@@ -460,8 +506,12 @@ def run_trainer(name: str, variant: str, folder: str, args: argparse.Namespace) 
     """One trainer on one variant. `trl+alloc` is TRL with vocalign's allocator setting
     (`keep_freed_memory`, which vocalign's trainers apply): it shows how much of the
     difference that setting alone makes."""
+    if name == "ours-alloc":
+        os.environ["VOCALIGN_KEEP_FREED_MEMORY"] = "0"  # before the trainer applies it
     tokenizer = setup(args)
     prompts = make_prompts(args.prompts)
+    if name in ABLATIONS:
+        return run_ours(variant, Path(folder), tokenizer, prompts, args, without=name)
     if name == "trl+alloc":
         from vocalign.rl.allocator import keep_freed_memory
 
@@ -488,21 +538,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_params = sum(p.numel() for p in initial.parameters())
         initial.save_pretrained(folder)  # both trainers load these weights
         for variant in args.variants:
+            runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            loads: dict[str, list[float]] = defaultdict(list)
+            for repeat in range(args.repeats):  # trainers alternate, so a slow spell of the machine hits each alike
+                for name in args.trainers:
+                    loads[name].append(os.getloadavg()[0])
+                    if args.same_process:
+                        result = run_trainer(name, variant, folder, args)
+                    else:  # a fresh interpreter per run: no allocator state, imports or settings carried over
+                        spawn = multiprocessing.get_context("spawn")
+                        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                            result = pool.submit(run_trainer, name, variant, folder, args).result()
+                    runs[name].append(result)
+                    print(f"{variant:8s} {name:11s} run {repeat + 1}/{args.repeats}: {statistics.mean(result['step_s']):.2f} s/step, "
+                          f"{result['completion_tokens']:.1f} tokens/response", flush=True)
+                    if result["profile"]:
+                        print(result["profile"])
             for name in args.trainers:
-                load_before = os.getloadavg()[0]
-                if args.same_process:
-                    result = run_trainer(name, variant, folder, args)
-                else:  # a fresh interpreter per run: no allocator state, imports or settings carried over
-                    spawn = multiprocessing.get_context("spawn")
-                    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                        result = pool.submit(run_trainer, name, variant, folder, args).result()
-                row = {"variant": variant, "trainer": name, **summarise(result, samples, args.steps),
-                       "load_average_1min": [load_before, os.getloadavg()[0]], "torch_threads": torch.get_num_threads()}
+                row = {"variant": variant, "trainer": name, **summarise(pooled(runs[name]), samples, args.steps * args.repeats),
+                       "run_mean_step_s": [statistics.mean(r["step_s"]) for r in runs[name]],
+                       "load_average_1min": loads[name], "torch_threads": args.threads}
                 rows.append(row)
-                print(f"{variant:8s} {name:4s}: {row['mean_step_s']:.2f} s/step, {row['samples_per_s']:.1f} samples/s, "
-                      f"{row['completion_tokens']:.1f} tokens/response", flush=True)
-                if row["profile"]:
-                    print(row["profile"])
     ratios = {}
     for variant in args.variants:
         by = {r["trainer"]: r for r in rows if r["variant"] == variant}
@@ -512,6 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "tokens_per_s": by["ours"]["tokens_per_s"] / by["trl"]["tokens_per_s"],
                 "cpu_time_trl_over_ours": by["trl"]["mean_cpu_step_s"] / by["ours"]["mean_cpu_step_s"],
             }
+            # each repeat's ours against the TRL run beside it: the spread of the ratio
+            ratios[variant]["per_repeat"] = [t / o for o, t in zip(by["ours"]["run_mean_step_s"], by["trl"]["run_mean_step_s"])]
             if "trl+alloc" in by:
                 ratios[variant]["samples_per_s_vs_trl_alloc"] = by["ours"]["samples_per_s"] / by["trl+alloc"]["samples_per_s"]
     prompt_tokens = [len(tokenizer.render_prompt(p.messages, [])) for p in prompts]
@@ -536,8 +594,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for variant, r in ratios.items():
         also = (f"; ours / (TRL with vocalign's allocator setting) = {r['samples_per_s_vs_trl_alloc']:.2f}x samples/s"
                 if "samples_per_s_vs_trl_alloc" in r else "")
-        print(f"{variant}: ours / TRL = {r['samples_per_s']:.2f}x samples/s, {r['tokens_per_s']:.2f}x tokens/s; "
-              f"TRL's CPU time per step / ours = {r['cpu_time_trl_over_ours']:.2f}{also}")
+        spread = ", ".join(f"{x:.2f}" for x in r["per_repeat"])
+        print(f"{variant}: ours / TRL = {r['samples_per_s']:.2f}x samples/s (each repeat: {spread}), "
+              f"{r['tokens_per_s']:.2f}x tokens/s; TRL's CPU time per step / ours = {r['cpu_time_trl_over_ours']:.2f}{also}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
