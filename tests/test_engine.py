@@ -218,3 +218,16 @@ def test_rows_with_their_own_prompts_take_the_plain_forward():
     assert seq.prompt_of_row is None
     seq = policy.sequences([batch.ids[0], batch.ids[0]], [[5], [6]], [[a], [a]])
     assert seq.prompt_of_row == [0, 0] and seq.prompt_rows == [0]
+
+
+def test_the_recipe_chooses_the_engine_and_the_forward():
+    from vocalign.rl.config import Recipe
+    from vocalign.rl.recipe import load_recipe
+    from vocalign.rl.runner import configure_policy
+
+    policy = make_policy("text")
+    assert (policy.decode_engine, policy.shared_prompt_forward) == ("auto", True)  # the defaults
+    recipe = load_recipe("demo", ["rollouts.engine=hf", "rl.shared_prompt_forward=false"], Recipe)
+    assert configure_policy(policy, recipe) is policy
+    assert (policy.decode_engine, policy.shared_prompt_forward) == ("hf", False)
+    assert policy.decoder_for_sampling() is None
