@@ -132,15 +132,13 @@ class FastDecoder:
                 attn, mlp = layer.self_attn, layer.mlp
                 q, k, v, o = (_linear(getattr(attn, n)) for n in self.ATTENTION_LAYER)
                 gate, up, down = (_linear(getattr(mlp, n)) for n in self.MLP_LAYER)
-                biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for w, b in (q, k, v)]
+                (qkv, qkv_bias), (gate_up, gate_up_bias) = _fuse(q, k, v), _fuse(gate, up)
                 self.layers.append({
                     "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm, "scale": attn.scaling,
                     # [in, out] views: a transposed operand costs the matmul nothing, so only the fused
                     # (and LoRA-merged) weights are new tensors; o and down are the model's own without LoRA
-                    "qkv": torch.cat([q[0], k[0], v[0]]).t(), "qkv_bias": torch.cat(biases),
-                    "o": o[0].t(), "o_bias": o[1],
-                    "gate_up": torch.cat([gate[0], up[0]]).t(), "gate_up_bias": _cat_bias(gate[1], up[1], gate[0], up[0]),
-                    "down": down[0].t(), "down_bias": down[1],
+                    "qkv": qkv, "qkv_bias": qkv_bias, "o": o[0].t(), "o_bias": o[1],
+                    "gate_up": gate_up, "gate_up_bias": gate_up_bias, "down": down[0].t(), "down_bias": down[1],
                 })
             w, b = _linear(head)
             self.head = w.t()  # a view: the LM head (often the tied embedding) is not copied
@@ -164,7 +162,7 @@ class FastDecoder:
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
             h = w["norm1"](x)
-            qkv = torch.addmm(w["qkv_bias"], h.reshape(B * T, H), w["qkv"]).view(B, T, -1)
+            qkv = _mm(h.reshape(B * T, H), w["qkv"], w["qkv_bias"]).view(B, T, -1)
             q = qkv[..., :q_size].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_size : q_size + kv_size].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size :].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -234,8 +232,10 @@ def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
 
 
-def _cat_bias(a: torch.Tensor | None, b: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor | None:
-    if a is None and b is None:
-        return None
-    zeros = lambda w: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)  # noqa: E731
-    return torch.cat([a if a is not None else zeros(wa), b if b is not None else zeros(wb)])
+def _fuse(*linears: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linear layers on the same input as one: the [in, sum of outs] weight and the joined
+    bias (zeros for a layer without one; None if none has one)."""
+    weight = torch.cat([w for w, _ in linears]).t()
+    if all(b is None for _, b in linears):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in linears])

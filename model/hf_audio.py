@@ -26,7 +26,6 @@ in this format before RL. `load_qwen2_audio_policy(folder)` does all of it.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -40,7 +39,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from . import chat
 from .detokenizer import build_detokenizer
 from .features import HOP, N_FFT, SAMPLE_RATE, log_mel
-from .policy import Policy, place_audio
+from .policy import Policy, place_audio, save_merged
 from .tokenizer import ChatTokenizer
 
 # New chat tokens that start from the embedding of a Qwen2-Audio token with the same role.
@@ -147,11 +146,7 @@ class Qwen2AudioLM(nn.Module):
         Under LoRA the adapters are merged into a copy of the model first, which needs
         memory for a second model; to keep only the adapter, save `Policy.trainable_state()`.
         """
-        model = self
-        if hasattr(self.lm, "merge_and_unload"):
-            model = copy.deepcopy(self)
-            model.lm = model.lm.merge_and_unload()
-        model.hf_model.save_pretrained(folder)
+        save_merged(self, folder)
 
     @classmethod
     def from_pretrained(

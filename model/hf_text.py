@@ -16,18 +16,17 @@ same `Policy`, rollout worker and trainers as the speech models.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .policy import Policy
+from .policy import CausalLMParts, Policy, save_merged
 from .tokenizer import ChatTokenizer
 
 
-class CausalTextLM(nn.Module):
+class CausalTextLM(CausalLMParts, nn.Module):
     """A causal LM with no audio input, as an `AudioLM` (see the module docstring).
 
     `lm` is the wrapped model (what LoRA wraps); `encoder` is an empty module, so
@@ -72,31 +71,11 @@ class CausalTextLM(nn.Module):
             )
         return self.lm.get_input_embeddings()(input_ids)
 
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
-        """Run the causal LM; returns (logits, KV cache)."""
-        out = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=use_cache,
-        )
-        return out.logits, out.cache
-
-    def hidden_states(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
-        """The decoder's last hidden states [B, T, H] (after its final norm, no LM head): what a value head reads."""
-        decoder = self.lm.get_decoder()  # through a peft wrapper too; its LoRA layers are inside
-        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-
     # -- save / load ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
-        """Save as a standard `transformers` checkpoint (weights and config; the tokenizer is saved apart).
-
-        Under LoRA the adapters are merged into a copy first (memory for a second model);
-        to keep only the adapter, save `Policy.trainable_state()`.
-        """
-        model = self
-        if hasattr(self.lm, "merge_and_unload"):
-            model = copy.deepcopy(self)
-            model.lm = model.lm.merge_and_unload()
-        model.hf_model.save_pretrained(folder)
+        """Save as a standard `transformers` checkpoint (weights and config; the tokenizer is
+        saved apart), LoRA merged in (see `save_merged`)."""
+        save_merged(self, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | str = torch.float32) -> "CausalTextLM":

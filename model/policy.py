@@ -43,6 +43,36 @@ class AudioLM(Protocol):
     def audio_placeholders(self, n_samples: int) -> int: ...
 
 
+class CausalLMParts:
+    """`decode` and `hidden_states` for an AudioLM whose `lm` is a `transformers` causal LM
+    with its own head (peft-wrapped or not): the embedded model and `CausalTextLM`."""
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
+        """Run the causal LM; returns (logits, KV cache)."""
+        out = self.lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=use_cache,
+        )
+        return out.logits, out.cache
+
+    def hidden_states(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H] (after its final norm, no LM head): what a value head reads."""
+        decoder = self.lm.get_decoder()  # through a peft wrapper too; its LoRA layers are inside
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def save_merged(model: nn.Module, folder) -> None:
+    """Save `model.hf_model` (a `transformers` model whose language model is `model.lm`) as a
+    standard checkpoint. Under LoRA the adapters are merged into a copy first (memory for
+    a second model); to keep only the adapter, save `Policy.trainable_state()`."""
+    if hasattr(model.lm, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model)
+        model.lm = model.lm.merge_and_unload()
+    model.hf_model.save_pretrained(folder)
+
+
 @dataclass
 class Sampling:
     temperature: float = 1.0
@@ -198,8 +228,6 @@ class Policy:
 
         A row stops at the end of turn or at any of `stop_ids` (e.g. `</tool_call>`), which it keeps."""
         rows = [(i, j) for i in range(len(batch.prompts)) for j in range(n)]
-        seq = self.sequences([batch.ids[i] for i, _ in rows], [[] for _ in rows], [batch.encoded[i] for i, _ in rows])
-        ids, mask = seq.input_ids[:, : seq.prompt_len], seq.attention_mask[:, : seq.prompt_len]
         B, T = len(rows), sampling.max_new_tokens
         uniforms = torch.stack([
             torch.rand(T, generator=torch.Generator().manual_seed(row_seed(seed, batch.prompts[i].id, j)))
@@ -207,18 +235,19 @@ class Policy:
         ]).to(self.device)
         was_training = self.model.training
         self.model.eval()
+        # each prompt is embedded (its audio placed) once; its n rows share that
+        prompts = self.sequences(batch.ids, [[] for _ in batch.ids], batch.encoded)
+        P = prompts.prompt_len
+        prompt_mask = prompts.attention_mask[:, :P]
+        embeds = self.model.input_embeddings(prompts.input_ids[:, :P], prompts.encoded)
+        prompt_of_row = torch.tensor([i for i, _ in rows], device=self.device)
+        mask = prompt_mask[prompt_of_row]
         positions = _positions(mask)
         engine = self.decoder_for_sampling()
-        if engine is not None:  # each prompt's prefill runs once for its n samples
-            once = self.sequences(batch.ids, [[] for _ in batch.ids], batch.encoded)
-            P = once.prompt_len
-            embeds = self.model.input_embeddings(once.input_ids[:, :P], once.encoded)
-            prompt_of_row = torch.tensor([i for i, _ in rows], device=self.device)
-            last = engine.prefill(embeds, once.attention_mask[:, :P], _positions(once.attention_mask[:, :P]),
-                                  capacity=P + T, rows=prompt_of_row)
+        if engine is not None:  # the prefill too runs once per prompt
+            last = engine.prefill(embeds, prompt_mask, _positions(prompt_mask), capacity=P + T, rows=prompt_of_row)
         else:
-            embeds = self.model.input_embeddings(ids, seq.encoded)
-            logits, past = self.model.decode(embeds, mask, positions, use_cache=True)
+            logits, past = self.model.decode(embeds[prompt_of_row], mask, positions, use_cache=True)
             last = logits[:, -1]
         out = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         logps = torch.zeros(B, T, device=self.device)

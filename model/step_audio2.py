@@ -26,7 +26,7 @@ from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2Audio
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from .features import SAMPLE_RATE, log_mel, mel_frames
-from .policy import place_audio
+from .policy import CausalLMParts, place_audio
 
 CONFIG_NAME = "vocalign_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -104,7 +104,7 @@ class Adaptor(nn.Module):
         return self.mlp(self.conv(frames.transpose(1, 2)).transpose(1, 2))
 
 
-class StepAudio2Model(nn.Module):
+class StepAudio2Model(CausalLMParts, nn.Module):
     def __init__(self, config: StepAudio2Config) -> None:
         super().__init__()
         self.config = config
@@ -155,19 +155,6 @@ class StepAudio2Model(nn.Module):
             fix = "render prompts with the policy's tokenizer"
             embeds = place_audio(embeds, input_ids, self.config.audio_patch_id, frames, fix)
         return embeds
-
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
-        """Run the causal LM; returns (logits, KV cache)."""
-        out = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=use_cache,
-        )
-        return out.logits, out.cache
-
-    def hidden_states(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
-        """The decoder's last hidden states [B, T, H] (no LM head): what a value head reads."""
-        decoder = self.lm.get_decoder()  # through a peft wrapper too; its LoRA layers are inside
-        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
     # -- save / load -------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

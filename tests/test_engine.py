@@ -74,6 +74,15 @@ def randomise_lora(policy: Policy, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def policy_under_test(kind: str, lora: bool) -> Policy:
+    """`kind`'s policy, under LoRA with non-zero adapters when `lora`."""
+    policy = make_policy(kind)
+    if lora:
+        policy.enable_lora(r=4, alpha=8)
+        randomise_lora(policy)
+    return policy
+
+
 def generate(policy: Policy, engine: str, prompts: list[Prompt], seed: int = 7, **sampling):
     policy.decode_engine = engine
     return policy.generate(policy.encode_prompts(prompts), n=3, sampling=Sampling(**{"max_new_tokens": 16, **sampling}), seed=seed)
@@ -90,18 +99,16 @@ def assert_same_generations(fast, hf) -> None:
 @pytest.mark.parametrize("kind", ["embedded", "qwen2-audio", "text"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_fast_decoder_samples_what_transformers_samples(kind, lora):
-    policy = make_policy(kind)
-    if lora:
-        policy.enable_lora(r=4, alpha=8)
-        randomise_lora(policy)
+    policy = policy_under_test(kind, lora)
     assert FastDecoder.unsupported(policy.model) is None
     prompts = make_prompts(kind)
     fast, hf = generate(policy, "fast", prompts, temperature=1.3), generate(policy, "hf", prompts, temperature=1.3)
     assert_same_generations(fast, hf)
     assert len({tuple(g.response_ids) for g in fast}) > 3  # sampled, not one repeated sequence
     # the sampler's log-probs are the trainer's
-    seq = policy.sequences([policy.encode_prompts(prompts).ids[g.prompt_index] for g in fast], [g.response_ids for g in fast],
-                           [[] for _ in fast] if kind == "text" else [policy.encode_prompts(prompts).encoded[g.prompt_index] for g in fast])
+    batch = policy.encode_prompts(prompts)
+    seq = policy.sequences([batch.ids[g.prompt_index] for g in fast], [g.response_ids for g in fast],
+                           [batch.encoded[g.prompt_index] for g in fast])
     with torch.no_grad():
         scored = policy.logprobs(seq, temperature=1.3)
     for k, g in enumerate(fast):
@@ -178,10 +185,7 @@ def test_the_kv_cache_refuses_to_overflow():
 @pytest.mark.parametrize("kind", ["embedded", "qwen2-audio", "text"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_shared_prompt_forward_gives_the_plain_forwards_logprobs_and_gradients(kind, lora):
-    policy = make_policy(kind)
-    if lora:
-        policy.enable_lora(r=4, alpha=8)
-        randomise_lora(policy)
+    policy = policy_under_test(kind, lora)
     policy.freeze_encoder()
     prompts = make_prompts(kind)
     batch = policy.encode_prompts(prompts)
