@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear, qkv_rope, rms_norm, swiglu
+
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | str:
     """(decoder, lm_head) of an AudioLM's language model, or why they cannot be found."""
@@ -108,6 +110,10 @@ class FastDecoder:
                 got = _linear(module, merge=False)
                 if isinstance(got, str):
                     return f"layer {i} {name}: {got}"
+        norms = [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in [*norms, getattr(decoder, "norm", None)]:
+            if not (hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")):
+                return f"{type(norm).__name__} is not Qwen2's RMSNorm (a weight and variance_epsilon)"
         got = _linear(head, merge=False)
         if isinstance(got, str):
             return f"lm_head: {got}"
@@ -134,12 +140,13 @@ class FastDecoder:
                 gate, up, down = (_linear(getattr(mlp, n)) for n in self.MLP_LAYER)
                 (qkv, qkv_bias), (gate_up, gate_up_bias) = _fuse(q, k, v), _fuse(gate, up)
                 self.layers.append({
-                    "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm, "scale": attn.scaling,
+                    "norm1": _norm(layer.input_layernorm), "norm2": _norm(layer.post_attention_layernorm), "scale": attn.scaling,
                     # [in, out] views: a transposed operand costs the matmul nothing, so only the fused
                     # (and LoRA-merged) weights are new tensors; o and down are the model's own without LoRA
                     "qkv": qkv, "qkv_bias": qkv_bias, "o": o[0].t(), "o_bias": o[1],
                     "gate_up": gate_up, "gate_up_bias": gate_up_bias, "down": down[0].t(), "down_bias": down[1],
                 })
+            self.final_norm = _norm(decoder.norm)
             w, b = _linear(head)
             self.head = w.t()  # a view: the LM head (often the tied embedding) is not copied
             self.head_bias = b
@@ -158,27 +165,22 @@ class FastDecoder:
         B, T, H = x.shape
         start, end = self.length, self.length + T
         cos, sin = self.decoder.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]
+        x = x.reshape(B * T, H)
         for i, w in enumerate(self.layers):
-            h = w["norm1"](x)
-            qkv = _mm(h.reshape(B * T, H), w["qkv"], w["qkv_bias"]).view(B, T, -1)
-            q = qkv[..., :q_size].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., q_size : q_size + kv_size].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size :].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            self.keys[i][:, :, start:end] = self._rope(k, cos, sin)
+            h = rms_norm(x, *w["norm1"])
+            q, k, v = qkv_rope(_mm(h, w["qkv"], w["qkv_bias"]).view(B, T, -1), cos, sin, self.n_heads, self.n_kv)
+            self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
             attn = F.scaled_dot_product_attention(
-                self._rope(q, cos, sin), self.keys[i][:, :, :end], self.values[i][:, :, :end],
+                q, self.keys[i][:, :, :end], self.values[i][:, :, :end],
                 attn_mask=attn_mask, scale=w["scale"], enable_gqa=self.n_kv != self.n_heads,
             )
-            x = x + _mm(attn.transpose(1, 2).reshape(B * T, q_size), w["o"], w["o_bias"]).view(B, T, H)
-            h = w["norm2"](x).reshape(B * T, H)
-            gate_up = _mm(h, w["gate_up"], w["gate_up_bias"])
-            inner = gate_up.shape[-1] // 2
-            x = x + _mm(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], w["down"], w["down_bias"]).view(B, T, H)
+            x = _mm(attn.transpose(1, 2).reshape(B * T, -1), w["o"], w["o_bias"], residual=x)
+            h = rms_norm(x, *w["norm2"])
+            x = _mm(swiglu(_mm(h, w["gate_up"], w["gate_up_bias"])), w["down"], w["down_bias"], residual=x)
         self.length = end
-        return self.decoder.norm(x[:, -1])
+        return rms_norm(x.view(B, T, H)[:, -1], *self.final_norm)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return _mm(hidden, self.head, self.head_bias).float()
@@ -228,8 +230,17 @@ class FastDecoder:
         return self._logits(self._forward(embeds.to(self.layers[0]["qkv"].dtype), positions, attn_mask))
 
 
-def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
+def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight_t (+ bias) (+ residual), the additions inside the matmul where they can be."""
+    if residual is None:
+        return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
+    out = torch.addmm(residual, x, weight_t)
+    return out.add_(bias) if bias is not None else out
+
+
+def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
+    """(weight, eps) of a Qwen2 RMSNorm."""
+    return module.weight, module.variance_epsilon
 
 
 def _fuse(*linears: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,3 +250,124 @@ def _fuse(*linears: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Ten
     if all(b is None for _, b in linears):
         return weight, None
     return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in linears])
+
+
+class FastForward:
+    """The training forward of a Qwen2-family decoder, differentiable, with fused kernels.
+
+        engine = FastForward(policy.model)           # or FastForward.unsupported(model) first
+        hidden = engine.hidden(prompt_embeds, prompt_mask, prompt_positions,
+                               response_embeds, response_positions, rows)   # [B, 1 + R', H]
+
+    It computes what the `transformers` forward computes, on the model's own parameters
+    (gradients reach them as they would through the model), but:
+
+    - q/k/v and gate/up each run as one matmul on the joined weights (joined by a
+      differentiable `cat` each call, so the parameters and checkpoints stay the model's);
+      projections wrapped by LoRA run as their (fused-LoRA) peft modules, their outputs joined;
+    - RMSNorm, rotary embedding, SwiGLU and the log-probabilities run as the fused
+      autograd functions of `vocalign.model.kernels`;
+    - the prompts run once each (U of them, `[U, P]`), and each of the B response rows
+      attends to its prompt's keys and values (`rows[b]` is row b's prompt; None when
+      U = B, each row its own): a GRPO group's prompt is computed once, forward and
+      backward;
+    - the last response token is not run: nothing reads its output.
+
+    The first hidden state of each row is its prompt's last position (it predicts the
+    first response token); the others are the response positions but the last. All are
+    after the decoder's final norm, so the LM head or a value head reads them as they are.
+    """
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        """Why `model` cannot train through this forward, or None if it can."""
+        reason = FastDecoder.unsupported(model)
+        if reason is not None:
+            return reason
+        decoder, _ = _parts(model)
+        if getattr(decoder, "gradient_checkpointing", False):
+            return "gradient checkpointing is on (the fast forward keeps every activation)"
+        if decoder.training and float(getattr(decoder.config, "attention_dropout", 0.0) or 0.0) > 0:
+            return "attention dropout is on in training"
+        return None
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the fast training forward cannot run {type(model).__name__}: {reason}; set rl.forward_engine: hf")
+        self.decoder, self.head = _parts(model)
+        config = self.decoder.config
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor, cos, sin, mask, past=None):
+        """One decoder layer on x [B, T, H]; `past` = the (keys, values) to prepend. Returns x and this layer's (keys, values)."""
+        B, T, H = x.shape
+        attn, mlp = layer.self_attn, layer.mlp
+        h = rms_norm(x, *_norm(layer.input_layernorm))
+        q, k, v = qkv_rope(_project(h, attn.q_proj, attn.k_proj, attn.v_proj), cos, sin, self.n_heads, self.n_kv)
+        own = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+        x = _project(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, residual=x)
+        h = rms_norm(x, *_norm(layer.post_attention_layernorm))
+        x = _project(swiglu(_project(h, mlp.gate_proj, mlp.up_proj)), mlp.down_proj, residual=x)
+        return x, own
+
+    def hidden(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, prompt_positions: torch.Tensor,
+               response_embeds: torch.Tensor, response_positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """prompt_embeds [U, P, H] (left-padded; prompt_mask [U, P], 1 = token), response_embeds
+        [B, R', H] (all response tokens but the last, right-padded) at response_positions [B, R'];
+        rows [B]: each row's prompt (None: U = B). Returns the final-normed hidden states
+        [B, 1 + R', H] that predict the B rows' R' + 1 response tokens."""
+        U, P, _ = prompt_embeds.shape
+        device = prompt_embeds.device
+        valid = prompt_mask.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        # a padding query attends to itself only, so no row of the mask is empty (an empty row gives NaN)
+        mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+        cos, sin = self._rotary(prompt_embeds, prompt_positions)
+        x, past = prompt_embeds, []
+        for layer in self.decoder.layers:
+            x, kv = self._layer(layer, x, cos, sin, mask)
+            past.append(kv)
+        last = x[:, -1:]
+        if rows is not None:
+            last = last.index_select(0, rows)
+        R = response_embeds.shape[1]
+        if R:
+            B = response_embeds.shape[0]
+            seen = (valid if rows is None else valid.index_select(0, rows))[:, None, None, :].expand(B, 1, R, P)
+            mask = torch.cat([seen, torch.ones(R, R, dtype=torch.bool, device=device).tril().expand(B, 1, R, R)], dim=-1)
+            cos, sin = self._rotary(response_embeds, response_positions)
+            y = response_embeds
+            for layer, (k, v) in zip(self.decoder.layers, past):
+                if rows is not None:  # each row reads its prompt's keys and values
+                    k, v = k.index_select(0, rows), v.index_select(0, rows)
+                y, _ = self._layer(layer, y, cos, sin, mask, past=(k, v))
+            last = torch.cat([last, y], dim=1)
+        return rms_norm(last, *_norm(self.decoder.norm))
+
+    def logits(self, *args, **kwargs) -> torch.Tensor:
+        """The LM head on `hidden(...)`: [B, 1 + R', V]."""
+        return self.head(self.hidden(*args, **kwargs))
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.decoder.rotary_emb(x, positions)
+        return cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]: broadcast over the heads of [B, T, heads, d]
+
+
+def _project(x: torch.Tensor, *linears: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear layers on the same input, outputs joined along the last dimension (+ residual):
+    plain `nn.Linear`s as one matmul on their joined weights, LoRA-wrapped ones as their modules."""
+    if not all(isinstance(m, nn.Linear) for m in linears):
+        outs = [m(x) for m in linears]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out if residual is None else residual + out
+    if len(linears) == 1:
+        return linear(x, linears[0].weight, linears[0].bias, residual)
+    weight = torch.cat([m.weight for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+    return linear(x, weight, bias, residual)

@@ -23,6 +23,7 @@ from torch import nn
 
 from vocalign.data.types import Prompt
 
+from .kernels import token_logprobs
 from .lora import fuse_lora
 from .tokenizer import ChatTokenizer
 
@@ -173,6 +174,9 @@ class Policy:
         self.decode_engine = "auto"
         # training forward: run each distinct prompt of a batch once (see response_logits)
         self.shared_prompt_forward = True
+        # how the training forward runs: "auto" (the fused FastForward where it runs the
+        # model, else transformers), "fast" (FastForward, or an error) or "hf"
+        self.forward_engine = "auto"
         self._reference: nn.Module | None = None  # full weights: a frozen copy (keep_reference)
 
     # -- inputs --------------------------------------------------------------------------
@@ -296,14 +300,64 @@ class Policy:
         return None
 
     # -- training forward ----------------------------------------------------------------
+    def forward_for_training(self):
+        """The engine the training forward runs on: a `FastForward` when `forward_engine` is
+        "fast", or "auto" and the model is one it runs (now: under ZeRO-3 the weights are
+        gathered only inside `transformers` modules' hooks); else None (`transformers`)."""
+        choice = getattr(self, "forward_engine", "auto")
+        if choice == "hf":
+            return None
+        from .engine import FastForward
+
+        reason = FastForward.unsupported(self.model)
+        if reason is None:
+            return FastForward(self.model)
+        if choice == "fast":
+            raise ValueError(f"rl.forward_engine is 'fast' but the fast training forward cannot run this model: {reason}; "
+                             "set rl.forward_engine: auto (or hf) to run the forward through transformers")
+        return None
+
+    def _shares_prompts(self, batch: SequenceBatch) -> bool:
+        return batch.prompt_of_row is not None and getattr(self, "shared_prompt_forward", True)
+
+    def _distinct_prompts(self, batch: SequenceBatch) -> tuple[list[int], list[torch.Tensor]]:
+        """The first row of each distinct prompt and the encoded clips of those rows, in order."""
+        starts = [0]
+        for n in batch.clips_per_row:
+            starts.append(starts[-1] + n)
+        first = batch.prompt_rows
+        return first, [batch.encoded[k] for row in first for k in range(starts[row], starts[row + 1])]
+
+    def _fast_hidden(self, engine, batch: SequenceBatch, head: bool) -> torch.Tensor:
+        """FastForward's hidden states (or logits, with `head`) predicting each response token: [B, R, .]."""
+        P, R = batch.prompt_len, batch.input_ids.shape[1] - batch.prompt_len
+        rows = None
+        if self._shares_prompts(batch):
+            first, clips = self._distinct_prompts(batch)
+            rows = torch.tensor(batch.prompt_of_row, device=batch.input_ids.device)
+            prompt_ids, prompt_mask = batch.input_ids[first, :P], batch.attention_mask[first, :P]
+        else:
+            clips, prompt_ids, prompt_mask = batch.encoded, batch.input_ids[:, :P], batch.attention_mask[:, :P]
+        args = (
+            self.model.input_embeddings(prompt_ids, clips), prompt_mask, _positions(prompt_mask),
+            # the last response token is not run: no position after it is scored
+            self.model.input_embeddings(batch.input_ids[:, P : P + R - 1], None),
+            _positions(batch.attention_mask)[:, P : P + R - 1], rows,
+        )
+        return engine.logits(*args) if head else engine.hidden(*args)
+
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         """Logits that predict each response token: [B, R, V].
 
         When rows share prompts (the samples of a GRPO group) and `shared_prompt_forward`
         is on, each distinct prompt runs once and its KV cache is reused by its rows'
         responses: the same logits (within float rounding) and gradients, without
-        computing a prompt's forward and backward once per sample."""
-        if batch.prompt_of_row is not None and getattr(self, "shared_prompt_forward", True):
+        computing a prompt's forward and backward once per sample. `forward_engine`
+        chooses between the fused `FastForward` and `transformers` (same values)."""
+        engine = self.forward_for_training()
+        if engine is not None:
+            return self._fast_hidden(engine, batch, head=True)
+        if self._shares_prompts(batch):
             return self._shared_prompt_logits(batch)
         P = batch.prompt_len
         # Audio goes into the prompt's placeholders only: a response may contain the
@@ -316,11 +370,8 @@ class Policy:
         return logits[:, P - 1 : -1]
 
     def _shared_prompt_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        P, first = batch.prompt_len, batch.prompt_rows
-        starts = [0]
-        for n in batch.clips_per_row:
-            starts.append(starts[-1] + n)
-        clips = [batch.encoded[k] for row in first for k in range(starts[row], starts[row + 1])]
+        P = batch.prompt_len
+        first, clips = self._distinct_prompts(batch)
         prompt_mask = batch.attention_mask[first, :P]
         embeds = self.model.input_embeddings(batch.input_ids[first, :P], clips)
         prompt_logits, cache = self.model.decode(embeds, prompt_mask, _positions(prompt_mask), use_cache=True)
@@ -349,17 +400,14 @@ class Policy:
         logits = self.response_logits(batch).float()
         if temperature != 1.0:  # a division by 1 would still copy [B, R, V] (and again in the backward)
             logits = logits / temperature
-        targets = batch.input_ids[:, batch.prompt_len :]
-        logp = F.log_softmax(logits, dim=-1)
-        taken = torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1) * batch.response_mask
-        if not entropy:
-            return taken, None
-        with torch.no_grad():
-            ent = -(logp.exp() * logp).sum(-1) * batch.response_mask
-        return taken, ent
+        taken, ent = token_logprobs(logits, batch.input_ids[:, batch.prompt_len :], entropy)
+        return taken * batch.response_mask, (ent * batch.response_mask if entropy else None)
 
     def response_hidden_states(self, batch: SequenceBatch) -> torch.Tensor:
         """The decoder's last hidden states at the positions that predict each response token: [B, R, H]."""
+        engine = self.forward_for_training()
+        if engine is not None:  # rows that share a prompt compute it once here too
+            return self._fast_hidden(engine, batch, head=False)
         P = batch.prompt_len
         embeds = torch.cat([
             self.model.input_embeddings(batch.input_ids[:, :P], batch.encoded),
@@ -440,4 +488,6 @@ class Policy:
             return
         if self._reference is None:
             raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
-        yield Policy(self._reference, self.tokenizer, self.detokenizer)
+        ref = Policy(self._reference, self.tokenizer, self.detokenizer)
+        ref.shared_prompt_forward, ref.forward_engine = self.shared_prompt_forward, self.forward_engine
+        yield ref

@@ -113,6 +113,10 @@ class RLConfig:
     # the training forward runs each distinct prompt once and its samples reuse its KV cache
     # (same log-probs and gradients; a group of 8 computes its prompt once, not 8 times)
     shared_prompt_forward: bool = True
+    # the training forward: "auto" = vocalign's fused FastForward (joined projections, fused
+    # RMSNorm/rotary/SwiGLU/log-prob kernels) where it runs the model (Qwen2-family LMs, no
+    # gradient checkpointing, not ZeRO-3), else transformers; "fast": it or an error; "hf"
+    forward_engine: Literal["auto", "fast", "hf"] = "auto"
 
 
 @dataclass

@@ -45,8 +45,11 @@ class ValueModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        # a Policy view on the body, to reuse its sequence packing and hidden-state slicing
-        self.__dict__["_view"] = Policy(self.body, policy.tokenizer)
+        # a Policy view on the body, to reuse its sequence packing and hidden-state slicing,
+        # running its forward as the policy's runs
+        view = Policy(self.body, policy.tokenizer)
+        view.shared_prompt_forward, view.forward_engine = policy.shared_prompt_forward, policy.forward_engine
+        self.__dict__["_view"] = view
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """The value of each response position (before its token is chosen): [B, R], 0 on padding."""

@@ -48,9 +48,10 @@ GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
     """Apply the recipe's choices of how the policy samples (`rollouts.engine`) and runs its
-    training forward (`rl.shared_prompt_forward`) to a freshly loaded policy."""
+    training forward (`rl.shared_prompt_forward`, `rl.forward_engine`) to a freshly loaded policy."""
     policy.decode_engine = recipe.rollouts.engine
     policy.shared_prompt_forward = recipe.rl.shared_prompt_forward
+    policy.forward_engine = recipe.rl.forward_engine
     return policy
 
 def seed_everything(seed: int) -> None:

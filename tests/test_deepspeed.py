@@ -266,9 +266,14 @@ def test_two_micro_batches_make_one_step(stage: int, data: Data, opened: list) -
     alone_backend = TorchBackend(alone.model, LR, CLIP)
     alone_backend.backward(loss_of(alone, data, [2, 3], TOKENS))
     assert abs(alone_backend.step() - norm_whole) > 0.1 * norm_whole
-    # Adam divides by |gradient| + 1e-8: for gradients near 1e-8 it turns those rounding
-    # differences into weight differences of a few 1e-6 (measured up to 4.7e-6); lr is 1e-3
-    assert max_difference(weights(split, two), weights(whole, one)) < 1e-5
+    # Adam moves a weight by lr * g / (|g| + 1e-8): where a gradient element is itself near
+    # 1e-8, the split's rounding of it (~1e-8) moves that weight by a visible part of lr
+    # (measured: up to 2.7e-5 of lr = 1e-3, on a few elements). Every other weight agrees to
+    # 1e-6; had the micro-batches not accumulated, nearly all would differ by ~lr.
+    a, b = weights(split, two), weights(whole, one)
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float((diffs > 1e-6).float().mean()) < 1e-4
+    assert float(diffs.max()) < 0.1 * LR
 
 
 # -- configuration ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The fast sampling decoder (`vocalign.model.engine`) and the shared-prompt training
-forward (`Policy.response_logits`), each against the plain `transformers` path on the
-three model kinds vocalign runs: the embedded Step-Audio-2-style model (audio prompts),
+"""The fast sampling decoder and the fast training forward (`vocalign.model.engine`) and
+the shared-prompt training forward (`Policy.response_logits`), each against the plain
+`transformers` path on the three model kinds vocalign runs: the embedded Step-Audio-2-style model (audio prompts),
 Qwen2-Audio and a text-only Qwen2, all tiny and built from configs."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from vocalign.data.espeak import synthesize
 from vocalign.data.types import Audio, Message, Prompt
 from vocalign.model import chat
-from vocalign.model.engine import FastDecoder
+from vocalign.model.engine import FastDecoder, FastForward
 from vocalign.model.hf_audio import Qwen2AudioLM
 from vocalign.model.hf_text import CausalTextLM, text_policy
 from vocalign.model.loading import embedded_policy
@@ -181,34 +181,90 @@ def test_the_kv_cache_refuses_to_overflow():
         engine.step(embeds[:, -1:], positions[:, -1:] + 2)
 
 
-# -------------------------------------------------------------------- shared-prompt forward
-@pytest.mark.parametrize("kind", ["embedded", "qwen2-audio", "text"])
-@pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_forward_gives_the_plain_forwards_logprobs_and_gradients(kind, lora):
-    policy = policy_under_test(kind, lora)
-    policy.freeze_encoder()
+# ------------------------------------------- shared-prompt forward and the fast training forward
+def shuffled_rows(policy: Policy, kind: str):
+    """A training batch of 3 samples each of `kind`'s prompts, rows shuffled (groups need not
+    be contiguous: a minibatch is any subset)."""
     prompts = make_prompts(kind)
     batch = policy.encode_prompts(prompts)
     gens = generate(policy, "auto", prompts, temperature=1.3)
     rows = list(range(len(gens)))
-    random.Random(0).shuffle(rows)  # groups need not be contiguous (minibatches are any subset)
+    random.Random(0).shuffle(rows)
     seq = policy.sequences([batch.ids[gens[r].prompt_index] for r in rows], [gens[r].response_ids for r in rows],
                            [batch.encoded[gens[r].prompt_index] for r in rows])
     assert seq.prompt_of_row is not None and len(set(seq.prompt_of_row)) == len(prompts)
+    return seq
+
+
+FORWARDS = [("hf", False), ("hf", True), ("fast", False), ("fast", True)]  # (rl.forward_engine, shared prompts)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "qwen2-audio", "text"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_training_forward_gives_the_plain_forwards_logprobs_and_gradients(kind, lora):
+    """transformers or FastForward, each prompt once or once per row: the same log-probs,
+    entropies and gradients as transformers running every row whole."""
+    policy = policy_under_test(kind, lora)
+    policy.freeze_encoder()
+    seq = shuffled_rows(policy, kind)
     results = {}
-    for shared in (False, True):
-        policy.shared_prompt_forward = shared
+    for engine, shared in FORWARDS:
+        policy.forward_engine, policy.shared_prompt_forward = engine, shared
         policy.model.zero_grad()
         logp, entropy = policy.logprobs_and_entropy(seq)
         ((logp * torch.linspace(-1, 1, logp.shape[1])).sum() / seq.response_mask.sum()).backward()
         grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-        results[shared] = (logp.detach(), entropy, grads)
-    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=0)
-    assert results[True][2].keys() == results[False][2].keys() and results[True][2]
-    for name, grad in results[False][2].items():
-        torch.testing.assert_close(results[True][2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    assert any(g.abs().sum() > 0 for g in results[True][2].values())
+        results[engine, shared] = (logp.detach(), entropy, grads)
+    plain = results["hf", False]
+    assert plain[2] and any(g.abs().sum() > 0 for g in plain[2].values())
+    for key in FORWARDS[1:]:
+        torch.testing.assert_close(results[key][0], plain[0], atol=1e-5, rtol=0, msg=str(key))
+        torch.testing.assert_close(results[key][1], plain[1], atol=1e-5, rtol=0, msg=str(key))
+        assert results[key][2].keys() == plain[2].keys()
+        for name, grad in plain[2].items():
+            torch.testing.assert_close(results[key][2][name], grad, atol=1e-5, rtol=1e-4, msg=f"{key} {name}")
+
+
+def test_the_critic_reads_the_same_hidden_states_through_the_fast_forward():
+    from vocalign.rl.critic import ValueModel
+
+    policy = make_policy("embedded")
+    seq = shuffled_rows(policy, "embedded")
+    critic = ValueModel(policy)
+    with torch.no_grad():
+        critic.head.weight.normal_()
+    view = critic._view
+    values = {}
+    for engine, shared in FORWARDS:
+        view.forward_engine, view.shared_prompt_forward = engine, shared
+        critic.zero_grad()
+        v = critic(seq)
+        v.sum().backward()
+        values[engine, shared] = (v.detach(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None})
+    plain = values["hf", False]
+    assert plain[0].abs().sum() > 0 and len(plain[1]) > 2
+    for key in FORWARDS[1:]:
+        torch.testing.assert_close(values[key][0], plain[0], atol=1e-5, rtol=1e-5, msg=str(key))
+        for name, grad in plain[1].items():  # float rounding, relative to the gradient's scale
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(values[key][1][name], grad, atol=1e-5 * scale, rtol=1e-4, msg=f"{key} {name}")
+
+
+def test_the_fast_forward_falls_back_or_refuses_with_the_reason():
+    policy = make_policy("text")
+    seq = shuffled_rows(policy, "text")
+    assert policy.forward_for_training() is not None  # auto, on a model it runs
+    policy.model.lm.activation_checkpointing_enable()
+    policy.model.train()
+    assert "gradient checkpointing" in FastForward.unsupported(policy.model)
+    assert policy.forward_for_training() is None  # auto: transformers
+    policy.forward_engine = "fast"
+    with pytest.raises(ValueError, match="rl.forward_engine is 'fast'.*gradient checkpointing.*rl.forward_engine: auto"):
+        policy.logprobs(seq)
+    policy.forward_engine = "hf"
+    assert policy.forward_for_training() is None
+    gelu = text_lm(ChatTokenizer(build_tokenizer(0)), hidden_act="gelu")
+    assert "gelu" in FastForward.unsupported(gelu.model) and gelu.forward_for_training() is None
 
 
 def test_rows_with_their_own_prompts_take_the_plain_forward():
@@ -230,8 +286,8 @@ def test_the_recipe_chooses_the_engine_and_the_forward():
     from vocalign.rl.runner import configure_policy
 
     policy = make_policy("text")
-    assert (policy.decode_engine, policy.shared_prompt_forward) == ("auto", True)  # the defaults
-    recipe = load_recipe("demo", ["rollouts.engine=hf", "rl.shared_prompt_forward=false"], Recipe)
+    assert (policy.decode_engine, policy.shared_prompt_forward, policy.forward_engine) == ("auto", True, "auto")  # the defaults
+    recipe = load_recipe("demo", ["rollouts.engine=hf", "rl.shared_prompt_forward=false", "rl.forward_engine=hf"], Recipe)
     assert configure_policy(policy, recipe) is policy
-    assert (policy.decode_engine, policy.shared_prompt_forward) == ("hf", False)
-    assert policy.decoder_for_sampling() is None
+    assert (policy.decode_engine, policy.shared_prompt_forward, policy.forward_engine) == ("hf", False, "hf")
+    assert policy.decoder_for_sampling() is None and policy.forward_for_training() is None

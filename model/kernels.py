@@ -1,0 +1,223 @@
+"""Fused forward and backward passes for the training forward's elementwise work.
+
+A full-weight training step of a small decoder spends about half its time outside the
+matmuls, in elementwise ops: `transformers` computes RMSNorm as six ops, rotary
+embedding as six per tensor (two slices, a negation, a concatenation, two products), and
+autograd records each, saves its inputs and runs its backward as several more. On a
+CPU, where each op is a pass over memory, that is most of the non-matmul time. Each
+function here is one `torch.autograd.Function` with a hand-written backward that makes
+fewer passes and saves less:
+
+- `rms_norm(x, weight, eps)`: Qwen2's RMSNorm (statistics in fp32, scaled in the input's
+  dtype), saving the normalised input and the inverse RMS;
+- `qkv_rope(qkv, cos, sin, n_heads, n_kv)`: splits a fused q/k/v projection into heads,
+  applies rotary embedding to q and k (the half-split layout of `transformers`'
+  `rotate_half`), and returns q, k, v head-major for attention; its backward writes the
+  gradient of the whole fused projection at once;
+- `swiglu(gate_up)`: `silu(gate) * up` from a fused gate/up projection, its backward
+  writing one gradient for both halves;
+- `linear(x, weight, bias, residual)`: `residual + x @ weight.T + bias` with the residual
+  added inside the matmul, and the weight's gradient computed as `(x.T @ grad).T` when the
+  layer widens (out > in features): at [8064, 256] -> 1536 that layout is 20% faster on
+  this machine's BLAS than `grad.T @ x`;
+- `token_logprobs(logits, targets, entropy)`: the log-probability of each target token
+  and (not differentiated) the entropy of each distribution, from one softmax; its
+  backward is `(onehot - softmax) * grad` without the [N, V] zero-fill of a gather's
+  backward.
+
+Each is checked against the autograd composition of the same ops, values and gradients,
+in `tests/test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()  # as transformers does: the statistics in fp32
+        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        normed = xf * inv
+        ctx.save_for_backward(normed, inv, weight)
+        ctx.in_dtype = x.dtype
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, inv, weight = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(ctx.in_dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).float()
+            dot = (g * normed).mean(-1, keepdim=True)
+            grad_x = g.sub_(normed * dot).mul_(inv).to(ctx.in_dtype)
+        return grad_x, grad_weight, None
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * (x / sqrt(mean(x**2) + eps))` over the last dimension, as Qwen2's RMSNorm."""
+    if _needs_grad(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    xf = x.float()
+    inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+    return weight * (xf * inv).to(x.dtype)
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
+    """out = x * cos + rotate_half(x) * sin (or its transpose, for the backward), where
+    rotate_half(x) = [-x2, x1]: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; the transpose
+    is out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    torch.mul(x1, c1, out=o1)
+    o1.addcmul_(x2, s2 if inverse else s1, value=1 if inverse else -1)
+    torch.mul(x2, c2, out=o2)
+    o2.addcmul_(x1, s1 if inverse else s2, value=-1 if inverse else 1)
+
+
+class _QKVRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
+        B, T, _ = qkv.shape
+        x = qkv.view(B, T, n_heads + 2 * n_kv, -1)
+        d = x.shape[-1]
+        n_qk = n_heads + n_kv
+        # written head-major ([B, heads, T, d], what attention reads) through a [B, T, heads, d] view
+        qk = torch.empty(B, n_qk, T, d, dtype=qkv.dtype, device=qkv.device)
+        _rotate_into(qk.transpose(1, 2), x[:, :, :n_qk], cos, sin, inverse=False)
+        v = x[:, :, n_qk:].transpose(1, 2).contiguous()
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (n_heads, n_kv)
+        return qk[:, :n_heads], qk[:, n_heads:], v
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None):
+        cos, sin = ctx.saved_tensors
+        n_heads, n_kv = ctx.shape
+        some = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        B, _, T, d = some.shape
+        grad = torch.zeros(B, T, n_heads + 2 * n_kv, d, dtype=some.dtype, device=some.device) if (
+            grad_q is None or grad_k is None or grad_v is None) else torch.empty(B, T, n_heads + 2 * n_kv, d, dtype=some.dtype, device=some.device)
+        if grad_q is not None:
+            _rotate_into(grad[:, :, :n_heads], grad_q.transpose(1, 2), cos, sin, inverse=True)
+        if grad_k is not None:
+            _rotate_into(grad[:, :, n_heads : n_heads + n_kv], grad_k.transpose(1, 2), cos, sin, inverse=True)
+        if grad_v is not None:
+            grad[:, :, n_heads + n_kv :] = grad_v.transpose(1, 2)
+        return grad.view(B, T, -1), None, None, None, None
+
+
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
+    """From a fused projection qkv [B, T, (n_heads + 2 n_kv) * d] and rotary cos/sin [B, T, 1, d]:
+    q [B, n_heads, T, d] and k [B, n_kv, T, d] with rotary embedding applied, and v [B, n_kv, T, d]
+    (v is a view of qkv when no gradient is recorded)."""
+    if _needs_grad(qkv):
+        return _QKVRope.apply(qkv, cos, sin, n_heads, n_kv)
+    B, T, _ = qkv.shape
+    x = qkv.view(B, T, n_heads + 2 * n_kv, -1)
+    qk = torch.empty(B, n_heads + n_kv, T, x.shape[-1], dtype=qkv.dtype, device=qkv.device)
+    _rotate_into(qk.transpose(1, 2), x[:, :, : n_heads + n_kv], cos, sin, inverse=False)
+    return qk[:, :n_heads], qk[:, n_heads:], x[:, :, n_heads + n_kv :].transpose(1, 2)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        inner = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :inner], gate_up[..., inner:]
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate_up, act = ctx.saved_tensors
+        inner = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :inner], gate_up[..., inner:]
+        out = torch.empty_like(gate_up)
+        torch.mul(grad, act, out=out[..., inner:])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :inner])
+        return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for gate_up = [gate, up] along the last dimension."""
+    if _needs_grad(gate_up):
+        return _SwiGLU.apply(gate_up)
+    inner = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :inner]).mul_(gate_up[..., inner:])
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if residual is not None:
+            out = torch.addmm(residual.reshape(-1, weight.shape[0]), flat, weight.t())
+            if bias is not None:
+                out.add_(bias)
+        else:
+            out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        ctx.save_for_backward(flat, weight)
+        ctx.in_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad
+        grad_x = (g @ weight).view(ctx.in_shape) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = (flat.t() @ g).t() if weight.shape[0] > weight.shape[1] else g.t() @ flat
+        return grad_x, grad_w, g.sum(0) if need_b else None, grad if need_r else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + x @ weight.T + bias` (`F.linear` plus a residual), see the module docstring."""
+    if _needs_grad(x, weight, *(t for t in (bias, residual) if t is not None)):
+        return _Linear.apply(x, weight, bias, residual)
+    out = F.linear(x, weight, bias)
+    return out if residual is None else out.add_(residual)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+        logp = torch.log_softmax(logits, -1)
+        taken = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        probs = logp.exp_()  # logp is not needed again but for the entropy: sum p log p = sum p logits - lse
+        if with_entropy:
+            lse = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - taken
+            entropy = lse - (probs * logits).sum(-1)
+        else:
+            entropy = taken.new_zeros(())
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return taken, entropy
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        probs, targets = ctx.saved_tensors
+        grad_logits = probs * -grad.unsqueeze(-1)
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_logits, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(logits)[..., target] for logits [..., V] and targets [...], and the entropy
+    of each distribution [...] (None unless `entropy`; it carries no gradient)."""
+    shape = targets.shape
+    taken, ent = _TokenLogprobs.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), entropy)
+    return taken.view(shape), (ent.view(shape) if entropy else None)
