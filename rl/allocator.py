@@ -10,7 +10,10 @@ parameters, 128 sequences of 84 tokens): about 330,000 page faults per forward, 
 of the forward's time.
 
 `keep_freed_memory()` raises both thresholds (mmap: glibc's maximum, 32 MiB; trim:
-2 GiB, the largest `mallopt` takes), so freed blocks stay in the heap and the next step reuses them, as the
+2 GiB, the largest `mallopt` takes) and stops `malloc` from mapping blocks of its own
+at all (`M_MMAP_MAX` = 0: without it, every block above 32 MiB, such as a [8192, 1536]
+activation or a [8192, 1024] logits tensor, is still mapped and page-faulted afresh, about
+10 ms each), so freed blocks stay in the heap and the next step reuses them, as the
 CUDA caching allocator does on GPUs. The price: the process keeps the memory of its
 largest step until it exits. It is a no-op (returning False) on a C library other than
 glibc, and when `VOCALIGN_KEEP_FREED_MEMORY=0` is set. `RLTrainer` calls it.
@@ -25,6 +28,7 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest allowed value on 64-bit systems
 
 _applied: bool | None = None
@@ -47,5 +51,5 @@ def keep_freed_memory(trim_bytes: int = 2**31 - 1) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     trim = min(int(trim_bytes), 2**31 - 1)  # mallopt takes an int
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    _applied = all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), mallopt(M_TRIM_THRESHOLD, trim), mallopt(M_MMAP_MAX, 0)])
     return _applied
