@@ -12,9 +12,9 @@ same weights built for that loop:
 - a KV cache allocated once for prompt + new tokens, written in place;
 - the padding mask kept as a growing boolean row per sequence.
 
-Everything else is the model's own code: its embedding, RMSNorms, rotary embedding
-module and LM head are called as they are, and attention is `scaled_dot_product_attention`
-with the model's scaling. The copy is made when generation starts (under ZeRO-3, inside
+The model's embedding, rotary embedding module and LM head are called as they are; the
+RMSNorms, rotary embedding, SwiGLU and attention (with the model's scaling) run as the
+kernels of `vocalign.model.kernels`. The copy is made when generation starts (under ZeRO-3, inside
 the trainer's gather), so it always holds the current weights; it costs a copy of the
 fused q/k/v and gate/up weights (of every projection under LoRA, merged), as a colocated
 inference engine holds its own weights.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import linear, qkv_rope, rms_norm, swiglu
+from .kernels import SMALL_SCORES_BYTES, additive_mask, attention, linear, qkv_rope, rms_norm, swiglu
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | str:
@@ -167,15 +167,13 @@ class FastDecoder:
         cos, sin = self.decoder.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]
         x = x.reshape(B * T, H)
+        additive = _additive(attn_mask.expand(B, 1, T, end), self.n_heads, self.n_kv, x)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, *w["norm1"])
             q, k, v = qkv_rope(_mm(h, w["qkv"], w["qkv_bias"]).view(B, T, -1), cos, sin, self.n_heads, self.n_kv)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            attn = F.scaled_dot_product_attention(
-                q, self.keys[i][:, :, :end], self.values[i][:, :, :end],
-                attn_mask=attn_mask, scale=w["scale"], enable_gqa=self.n_kv != self.n_heads,
-            )
+            attn = attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask, w["scale"], additive)
             x = _mm(attn.transpose(1, 2).reshape(B * T, -1), w["o"], w["o_bias"], residual=x)
             h = rms_norm(x, *w["norm2"])
             x = _mm(swiglu(_mm(h, w["gate_up"], w["gate_up_bias"])), w["down"], w["down_bias"], residual=x)
@@ -236,6 +234,15 @@ def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, resi
         return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
     out = torch.addmm(residual, x, weight_t)
     return out.add_(bias) if bias is not None else out
+
+
+def _additive(mask: torch.Tensor, n_heads: int, n_kv: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The additive form of a boolean mask [B, 1, T, S], built once for all layers, where
+    `attention` will take its matmul path (a CPU, small scores); else None."""
+    B, _, T, S = mask.shape
+    if like.device.type != "cpu" or B * n_heads * T * S * like.element_size() > SMALL_SCORES_BYTES:
+        return None
+    return additive_mask(mask, n_heads, n_kv, like.dtype)
 
 
 def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
@@ -299,8 +306,9 @@ class FastForward:
         config = self.decoder.config
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cos, sin, mask, past=None):
-        """One decoder layer on x [B, T, H]; `past` = the (keys, values) to prepend. Returns x and this layer's (keys, values)."""
+    def _layer(self, layer: nn.Module, x: torch.Tensor, cos, sin, mask, additive, past=None):
+        """One decoder layer on x [B, T, H] (mask [B, 1, T, S] and its `additive` form); `past` =
+        the (keys, values) to prepend. Returns x and this layer's (keys, values)."""
         B, T, H = x.shape
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(x, *_norm(layer.input_layernorm))
@@ -308,7 +316,7 @@ class FastForward:
         own = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+        out = attention(q, k, v, mask, attn.scaling, additive)
         x = _project(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, residual=x)
         h = rms_norm(x, *_norm(layer.post_attention_layernorm))
         x = _project(swiglu(_project(h, mlp.gate_proj, mlp.up_proj)), mlp.down_proj, residual=x)
@@ -328,8 +336,9 @@ class FastForward:
         mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
         cos, sin = self._rotary(prompt_embeds, prompt_positions)
         x, past = prompt_embeds, []
+        additive = _additive(mask, self.n_heads, self.n_kv, x)
         for layer in self.decoder.layers:
-            x, kv = self._layer(layer, x, cos, sin, mask)
+            x, kv = self._layer(layer, x, cos, sin, mask, additive)
             past.append(kv)
         last = x[:, -1:]
         if rows is not None:
@@ -341,10 +350,11 @@ class FastForward:
             mask = torch.cat([seen, torch.ones(R, R, dtype=torch.bool, device=device).tril().expand(B, 1, R, R)], dim=-1)
             cos, sin = self._rotary(response_embeds, response_positions)
             y = response_embeds
+            additive = _additive(mask, self.n_heads, self.n_kv, y)
             for layer, (k, v) in zip(self.decoder.layers, past):
                 if rows is not None:  # each row reads its prompt's keys and values
                     k, v = k.index_select(0, rows), v.index_select(0, rows)
-                y, _ = self._layer(layer, y, cos, sin, mask, past=(k, v))
+                y, _ = self._layer(layer, y, cos, sin, mask, additive, past=(k, v))
             last = torch.cat([last, y], dim=1)
         return rms_norm(last, *_norm(self.decoder.norm))
 

@@ -14,6 +14,9 @@ fewer passes and saves less:
   applies rotary embedding to q and k (the half-split layout of `transformers`'
   `rotate_half`), and returns q, k, v head-major for attention; its backward writes the
   gradient of the whole fused projection at once;
+- `attention(q, k, v, mask, scale)`: grouped-query attention; on a CPU with small score
+  tensors as batched matmuls (faster there than the flash kernel, forward and backward),
+  else `scaled_dot_product_attention`;
 - `swiglu(gate_up)`: `silu(gate) * up` from a fused gate/up projection, its backward
   writing one gradient for both halves;
 - `linear(x, weight, bias, residual)`: `residual + x @ weight.T + bias` with the residual
@@ -48,14 +51,16 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, inv, weight = ctx.saved_tensors
+        # d/dx of w * x * inv: inv * (g - normed * mean(g * normed)) with g = grad * w; the
+        # product grad * normed serves both the weight's gradient and that mean
+        grad_normed = grad.float() * normed
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(ctx.in_dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+            grad_weight = grad_normed.reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
-            dot = (g * normed).mean(-1, keepdim=True)
-            grad_x = g.sub_(normed * dot).mul_(inv).to(ctx.in_dtype)
+            dot = (grad_normed * weight).mean(-1, keepdim=True)
+            grad_x = (grad * weight).float().addcmul_(normed, dot, value=-1).mul_(inv).to(ctx.in_dtype)
         return grad_x, grad_weight, None
 
 
@@ -85,20 +90,26 @@ def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: tor
     o2.addcmul_(x1, s1 if inverse else s2, value=-1 if inverse else 1)
 
 
+def _split_rotated(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
+    """q and k rotated into their own head-major tensors, v a [B, n_kv, T, d] view of qkv."""
+    B, T, _ = qkv.shape
+    x = qkv.view(B, T, n_heads + 2 * n_kv, -1)
+    d = x.shape[-1]
+    # written head-major ([B, heads, T, d], what attention reads) through [B, T, heads, d] views
+    q = torch.empty(B, n_heads, T, d, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(B, n_kv, T, d, dtype=qkv.dtype, device=qkv.device)
+    _rotate_into(q.transpose(1, 2), x[:, :, :n_heads], cos, sin, inverse=False)
+    _rotate_into(k.transpose(1, 2), x[:, :, n_heads : n_heads + n_kv], cos, sin, inverse=False)
+    return q, k, x[:, :, n_heads + n_kv :].transpose(1, 2)
+
+
 class _QKVRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
-        B, T, _ = qkv.shape
-        x = qkv.view(B, T, n_heads + 2 * n_kv, -1)
-        d = x.shape[-1]
-        n_qk = n_heads + n_kv
-        # written head-major ([B, heads, T, d], what attention reads) through a [B, T, heads, d] view
-        qk = torch.empty(B, n_qk, T, d, dtype=qkv.dtype, device=qkv.device)
-        _rotate_into(qk.transpose(1, 2), x[:, :, :n_qk], cos, sin, inverse=False)
-        v = x[:, :, n_qk:].transpose(1, 2).contiguous()
+        q, k, v = _split_rotated(qkv, cos, sin, n_heads, n_kv)
         ctx.save_for_backward(cos, sin)
         ctx.shape = (n_heads, n_kv)
-        return qk[:, :n_heads], qk[:, n_heads:], v
+        return q, k, v.contiguous()
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None):
@@ -106,8 +117,8 @@ class _QKVRope(torch.autograd.Function):
         n_heads, n_kv = ctx.shape
         some = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
         B, _, T, d = some.shape
-        grad = torch.zeros(B, T, n_heads + 2 * n_kv, d, dtype=some.dtype, device=some.device) if (
-            grad_q is None or grad_k is None or grad_v is None) else torch.empty(B, T, n_heads + 2 * n_kv, d, dtype=some.dtype, device=some.device)
+        make = torch.zeros if grad_q is None or grad_k is None or grad_v is None else torch.empty
+        grad = make(B, T, n_heads + 2 * n_kv, d, dtype=some.dtype, device=some.device)
         if grad_q is not None:
             _rotate_into(grad[:, :, :n_heads], grad_q.transpose(1, 2), cos, sin, inverse=True)
         if grad_k is not None:
@@ -119,15 +130,42 @@ class _QKVRope(torch.autograd.Function):
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
     """From a fused projection qkv [B, T, (n_heads + 2 n_kv) * d] and rotary cos/sin [B, T, 1, d]:
-    q [B, n_heads, T, d] and k [B, n_kv, T, d] with rotary embedding applied, and v [B, n_kv, T, d]
-    (v is a view of qkv when no gradient is recorded)."""
+    q [B, n_heads, T, d] and k [B, n_kv, T, d] (contiguous) with rotary embedding applied, and
+    v [B, n_kv, T, d] (a view of qkv when no gradient is recorded)."""
     if _needs_grad(qkv):
         return _QKVRope.apply(qkv, cos, sin, n_heads, n_kv)
-    B, T, _ = qkv.shape
-    x = qkv.view(B, T, n_heads + 2 * n_kv, -1)
-    qk = torch.empty(B, n_heads + n_kv, T, x.shape[-1], dtype=qkv.dtype, device=qkv.device)
-    _rotate_into(qk.transpose(1, 2), x[:, :, : n_heads + n_kv], cos, sin, inverse=False)
-    return qk[:, :n_heads], qk[:, n_heads:], x[:, :, n_heads + n_kv :].transpose(1, 2)
+    return _split_rotated(qkv, cos, sin, n_heads, n_kv)
+
+
+# score tensors up to this size take the batched-matmul attention on a CPU (see `attention`)
+SMALL_SCORES_BYTES = 64 << 20
+
+
+def additive_mask(mask: torch.Tensor, n_heads: int, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask [B, 1, T, S] (True = attend) as the additive float mask
+    [B * n_kv, (n_heads // n_kv) * T, S] that `attention`'s matmul path adds to its scores."""
+    B, _, T, S = mask.shape
+    group = n_heads // n_kv
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return add.expand(B, n_kv * group, T, S).reshape(B * n_kv, group * T, S)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              additive: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query attention: q [B, H, T, d], k and v [B, KV, S, d], mask [B, 1, T, S] (True =
+    attend). On a CPU, where the scores are small (`SMALL_SCORES_BYTES`) and q is contiguous,
+    as three batched matmuls over the query heads of each KV head (`additive`: the mask from
+    `additive_mask`, built once for all layers); faster there than the flash-attention kernel at
+    these sizes (forward and backward), which takes every other case."""
+    B, H, T, d = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    small = B * H * T * S * q.element_size() <= SMALL_SCORES_BYTES
+    if q.device.type != "cpu" or not small or not q.is_contiguous():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)
+    if additive is None:
+        additive = additive_mask(mask, H, KV, q.dtype)
+    scores = torch.baddbmm(additive, q.view(B * KV, (H // KV) * T, d), k.reshape(B * KV, S, d).transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * KV, S, d)).view(B, H, T, d)
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -114,3 +114,38 @@ def test_linear_with_a_residual_is_f_linear_plus_the_residual(out_features, with
     torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(linear(x, weight, bias, residual), theirs.detach(), atol=1e-5, rtol=0)
+
+
+def test_attention_by_batched_matmuls_is_sdpas():
+    """The CPU matmul path (small scores) against torch's scaled_dot_product_attention: grouped
+    query heads, a padding-and-causal mask, values and gradients; a large score tensor or a
+    non-contiguous q takes SDPA itself."""
+    from vocalign.model import kernels
+
+    torch.manual_seed(0)
+    B, H, KV, T, P, d = 3, 4, 2, 5, 4, 8
+    S = P + T
+    q = torch.randn(B, H, T, d, requires_grad=True)
+    k, v = torch.randn(B, KV, S, d, requires_grad=True), torch.randn(B, KV, S, d, requires_grad=True)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[0, :2] = False  # a left-padded prompt
+    mask = torch.cat([valid[:, None, None, :].expand(B, 1, T, P), torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)], -1)
+    ours = kernels.attention(q, k, v, mask, 0.3)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    w = torch.randn_like(ours)
+    for a, b in zip(grads(ours, (q, k, v), w), grads(theirs, (q, k, v), w)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    additive = kernels.additive_mask(mask, H, KV, torch.float32)
+    torch.testing.assert_close(kernels.attention(q, k, v, mask, 0.3, additive), theirs, atol=1e-6, rtol=0)
+    assert torch.isinf(additive).sum() == (~mask).sum() * H
+    # the flash path: a non-contiguous q, or scores above the size limit (the additive mask is then not read)
+    strided = torch.cat([q, q], dim=1)[:, :H]  # q's values, not contiguous
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(kernels.attention(strided, k, v, mask, 0.3), theirs, atol=1e-6, rtol=0)
+    limit = kernels.SMALL_SCORES_BYTES
+    try:
+        kernels.SMALL_SCORES_BYTES = 0
+        torch.testing.assert_close(kernels.attention(q, k, v, mask, 0.3, additive=torch.empty(0)), theirs, atol=1e-6, rtol=0)
+    finally:
+        kernels.SMALL_SCORES_BYTES = limit
