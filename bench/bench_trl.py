@@ -1,7 +1,7 @@
 """vocalign's RL trainer against TRL's `GRPOTrainer`: samples per second, side by side.
 
     .venv/bin/python bench/bench_trl.py [--steps 5] [--warmup 1] [--threads 2] [--variants lora,full]
-        [--trainers ours,trl,trl+alloc[,ours-engine,ours-shared,ours-fused,ours-alloc]]
+        [--trainers ours,trl,trl+alloc[,ours-engine,ours-forward,ours-shared,ours-fused,ours-alloc]]
 
 Each trainer runs in a fresh Python process (spawned; `--same-process` to run them all in
 this one), on the same job:
@@ -22,10 +22,11 @@ this one), on the same job:
 - under LoRA (peft; r=16, alpha=32, all seven projections, on both) and under full
   weights.
 
-vocalign runs with its defaults: the fast decoder for sampling, the shared-prompt training
-forward, fused LoRA, and glibc keeping freed memory (`vocalign.rl.allocator`). That last one
+vocalign runs with its defaults: the fast decoder for sampling, the fast training forward
+(fused kernels), the shared-prompt training forward, fused LoRA, and glibc keeping freed
+memory (`vocalign.rl.allocator`). That last one
 is a process-wide setting TRL could have too, so `trl+alloc` runs TRL with it, and the
-`ours-*` names run vocalign without one of the four (see ABLATIONS) to show what each is
+`ours-*` names run vocalign without one of its five (see ABLATIONS) to show what each is
 worth.
 
 TRL runs on CPU in fp32 with `gradient_checkpointing=False` (TRL turns it on by
@@ -245,6 +246,7 @@ def build_ours(policy: Policy, args: argparse.Namespace, kl: float) -> Callable[
 
 ABLATIONS = {  # ours without one of its fast paths: what each is worth
     "ours-engine": "sampling through transformers (rollouts.engine: hf) instead of the fast decoder",
+    "ours-forward": "the training forward through transformers (rl.forward_engine: hf) instead of the fast one",
     "ours-shared": "each sample's prompt run again in the training forward (rl.shared_prompt_forward: false)",
     "ours-fused": "peft's own LoRA forward instead of the fused one",
     "ours-alloc": "glibc's default allocator behaviour (VOCALIGN_KEEP_FREED_MEMORY=0)",
@@ -264,6 +266,7 @@ def run_ours(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list
     policy.freeze_encoder()
     policy.decode_engine = "hf" if without == "ours-engine" else "auto"
     policy.shared_prompt_forward = without != "ours-shared"
+    policy.forward_engine = "hf" if without == "ours-forward" else "auto"
     step_fn = build_ours(policy, args, args.kl if variant.endswith("-kl") else 0.0)
     step_s, cpu_s, metrics = [], [], []
     profile = ""
