@@ -6,7 +6,7 @@ A checkpoint holds everything a run needs to continue exactly where it stopped:
   in `checkpoints/base/`, when the adapters are attached;
 - the optimiser state (`optimizer.pt`, or DeepSpeed's own files), and PPO's critic
   (`critic.safetensors`, `critic/`);
-- `rng.pt`: the torch, numpy and python random states;
+- `rng.pt`: the torch (and CUDA), numpy and python random states;
 - `trainer_state.json`: the stage, the global and the stage's step, the data position,
   the KL coefficient, the weight version, the W&B run id and the summary so far.
 
@@ -57,7 +57,10 @@ def save_base(policy: Policy, run_dir: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(folder: Path) -> None:
@@ -65,6 +68,8 @@ def restore_rng(folder: Path) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(

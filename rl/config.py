@@ -28,6 +28,10 @@ class RunConfig:
 class ModelConfig:
     path: str | None = None  # a saved vocalign model folder; None: the embedded default
     max_audio_seconds: float = 4.0  # longest input clip of the embedded default
+    # where the policy (and its reference, critic and optimiser state) lives: "auto" = the
+    # process's GPU when torch sees one (cuda:LOCAL_RANK under a launcher), else the CPU;
+    # or a torch device string ("cpu", "cuda", "cuda:1")
+    device: str = "auto"
 
 
 @dataclass

@@ -42,7 +42,7 @@ class ValueModel(nn.Module):
             for p in self.body.lm.parameters():
                 p.requires_grad_(True)
         hidden = policy.model.lm.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
+        self.head = nn.Linear(hidden, 1, device=policy.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         # a Policy view on the body, to reuse its sequence packing and hidden-state slicing,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 from datetime import datetime
@@ -47,12 +48,34 @@ GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 
 def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
-    """Apply the recipe's choices of how the policy samples (`rollouts.engine`) and runs its
-    training forward (`rl.shared_prompt_forward`, `rl.forward_engine`) to a freshly loaded policy."""
+    """Apply the recipe's choices of where the policy lives (`model.device`), how it samples
+    (`rollouts.engine`) and runs its training forward (`rl.shared_prompt_forward`,
+    `rl.forward_engine`) to a freshly loaded policy."""
+    place(policy, recipe)
     policy.decode_engine = recipe.rollouts.engine
     policy.shared_prompt_forward = recipe.rl.shared_prompt_forward
     policy.forward_engine = recipe.rl.forward_engine
     return policy
+
+def resolve_device(name: str) -> torch.device:
+    """`model.device` as a torch device: "auto" is this process's GPU when torch sees one
+    (LOCAL_RANK's under a multi-process launcher), else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"model.device {name!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {name!r} but torch sees no CUDA device here; use model.device=auto or cpu")
+    return device
+
+
+def place(policy: Policy, recipe: Recipe) -> Policy:
+    """Move a freshly loaded policy's model to `model.device`."""
+    policy.model.to(resolve_device(recipe.model.device))
+    return policy
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -167,7 +190,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
         configure_policy(policy, recipe)
         n_params = sum(p.numel() for p in policy.model.parameters())
-        say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters")
+        say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters, on {policy.device}")
         t = time.perf_counter()
         sft_prompts, rl_prompts, held_out, skipped = build_data(recipe)
         say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out ({time.perf_counter() - t:.1f} s)")
@@ -215,7 +238,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
             if resuming_rl:
                 policy = configure_policy(load_policy(base if lora else resume_from), recipe)
                 if not lora and recipe.kl.coef > 0:
-                    policy.keep_reference(load_policy(base).model)  # the reference is where RL started
+                    policy.keep_reference(place(load_policy(base), recipe).model)  # the reference is where RL started
             elif lora or recipe.kl.coef > 0:
                 save_base(policy, run_dir)  # adapter checkpoints refer to it; a full-weight reference reloads from it
             critic = None

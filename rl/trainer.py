@@ -237,6 +237,9 @@ class RLTrainer:
         if lc.mask_truncated:
             truncated = torch.tensor([not r.finished for r in rollouts])
             mask[truncated] = 0.0
+        # built on the CPU from Python lists; the policy's forward runs where its weights are
+        device = self.policy.device
+        mask, every, old_logprobs, totals = (t.to(device) for t in (mask, every, old_logprobs, totals))
         # -- no-grad passes: reference log-probs (KL) and the critic's values (PPO) --------
         ref_logprobs = values = None
         chunk = -(-N // (cfg.minibatches * cfg.grad_accum))
@@ -264,9 +267,9 @@ class RLTrainer:
             rewards = rewards - self.kl_coef * token_kl.sum(-1)
         returns = None
         if cfg.algorithm == "ppo":
-            token_rewards = torch.zeros(N, R)
-            last = (mask * torch.arange(1, R + 1)).argmax(-1)  # each response's last trained token
-            token_rewards[torch.arange(N), last] = rewards
+            token_rewards = torch.zeros(N, R, device=device)
+            last = (mask * torch.arange(1, R + 1, device=device)).argmax(-1)  # each response's last trained token
+            token_rewards[torch.arange(N, device=device), last] = rewards
             if kc.mode == "reward" and token_kl is not None:
                 token_rewards = token_rewards - self.kl_coef * token_kl
             # GAE runs through inserted tool results (the reward reaches the tokens before them); they train nothing

@@ -291,3 +291,20 @@ def test_the_recipe_chooses_the_engine_and_the_forward():
     assert configure_policy(policy, recipe) is policy
     assert (policy.decode_engine, policy.shared_prompt_forward, policy.forward_engine) == ("hf", False, "hf")
     assert policy.decoder_for_sampling() is None and policy.forward_for_training() is None
+
+
+def test_the_recipe_places_the_policy_on_its_device():
+    from vocalign.rl.config import Recipe
+    from vocalign.rl.recipe import load_recipe
+    from vocalign.rl.runner import configure_policy, resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="model.device 'gpu0' is not a torch device.*auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model.device is 'cuda' but torch sees no CUDA device"):
+            resolve_device("cuda")
+    policy = make_policy("text")
+    configure_policy(policy, load_recipe("demo", ["model.device=cpu"], Recipe))
+    assert policy.device == torch.device("cpu")
