@@ -286,35 +286,31 @@ class Policy:
         """The engine `generate` samples with: a `FastDecoder` over the current weights when
         `decode_engine` is "fast", or "auto" and the model is one it runs; else None
         (sample through the model's own `decode`)."""
-        choice = getattr(self, "decode_engine", "auto")
-        if choice == "hf":
-            return None
         from .engine import FastDecoder
 
-        reason = FastDecoder.unsupported(self.model)
-        if reason is None:
-            return FastDecoder(self.model)
-        if choice == "fast":
-            raise ValueError(f"rollouts.engine is 'fast' but the fast decoder cannot run this model: {reason}; "
-                             "set rollouts.engine: auto (or hf) to sample through transformers")
-        return None
+        return self._engine(getattr(self, "decode_engine", "auto"), FastDecoder, "rollouts.engine", "the fast decoder",
+                            "sample through transformers")
 
     # -- training forward ----------------------------------------------------------------
     def forward_for_training(self):
         """The engine the training forward runs on: a `FastForward` when `forward_engine` is
         "fast", or "auto" and the model is one it runs (now: under ZeRO-3 the weights are
         gathered only inside `transformers` modules' hooks); else None (`transformers`)."""
-        choice = getattr(self, "forward_engine", "auto")
-        if choice == "hf":
-            return None
         from .engine import FastForward
 
-        reason = FastForward.unsupported(self.model)
+        return self._engine(getattr(self, "forward_engine", "auto"), FastForward, "rl.forward_engine",
+                            "the fast training forward", "run the forward through transformers")
+
+    def _engine(self, choice: str, engine: type, key: str, what: str, otherwise: str):
+        """`engine(self.model)` when `choice` (the recipe's `key`) is "fast", or "auto" and the
+        engine runs the model; None for "hf", or "auto" on a model it does not run."""
+        if choice == "hf":
+            return None
+        reason = engine.unsupported(self.model)
         if reason is None:
-            return FastForward(self.model)
+            return engine(self.model)
         if choice == "fast":
-            raise ValueError(f"rl.forward_engine is 'fast' but the fast training forward cannot run this model: {reason}; "
-                             "set rl.forward_engine: auto (or hf) to run the forward through transformers")
+            raise ValueError(f"{key} is 'fast' but {what} cannot run this model: {reason}; set {key}: auto (or hf) to {otherwise}")
         return None
 
     def _shares_prompts(self, batch: SequenceBatch) -> bool:
