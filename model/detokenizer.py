@@ -69,7 +69,9 @@ def build_detokenizer(name: str, **kwargs) -> SpeechDetokenizer:
             f"speech detokenizer {name!r} is not known; known: {', '.join(available_detokenizers())}. "
             "Register a new one with @register_detokenizer(name)."
         )
-    return _DETOKENIZERS[name](**kwargs)
+    detokenizer = _DETOKENIZERS[name](**kwargs)
+    detokenizer.registered_name = name  # what a saved policy records, to build it again
+    return detokenizer
 
 
 # -------------------------------------------------------------- the espeak inventory

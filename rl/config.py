@@ -28,6 +28,10 @@ class RunConfig:
 class ModelConfig:
     path: str | None = None  # a saved vocalign model folder; None: the embedded default
     max_audio_seconds: float = 4.0  # longest input clip of the embedded default
+    # a Qwen2-Audio model.path: the speech detokenizer (a registered name, e.g. espeak_units)
+    # whose units become its <audio_k> tokens, so it can learn to speak; unset: it only hears
+    # (a folder vocalign saved names its own)
+    detokenizer: str | None = None
     # where the policy (and its reference, critic and optimiser state) lives: "auto" = the
     # process's GPU when torch sees one (cuda:LOCAL_RANK under a launcher), else the CPU;
     # or a torch device string ("cpu", "cuda", "cuda:1")
@@ -207,6 +211,9 @@ def check_recipe(recipe: Recipe) -> None:
 
     problems = []
     rl = recipe.rl
+    if recipe.model.detokenizer is not None and recipe.model.path is None:
+        problems.append(f"model.detokenizer={recipe.model.detokenizer} is for a Qwen2-Audio model.path; the embedded "
+                        "default has its own detokenizer: leave model.detokenizer unset or set model.path")
     if rl.algorithm == "grpo" and rl.group_size < 2:
         problems.append(f"rl.group_size={rl.group_size}: GRPO normalises rewards within a group, use 2 or more")
     for key in ("run.keep_last", "run.save_every", "rl.prompts_per_step", "rl.minibatches", "rl.epochs", "rl.grad_accum",

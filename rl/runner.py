@@ -187,7 +187,8 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         say(f"run folder: {run_dir}")
         if resume_from:
             say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
-        policy: Policy = load_policy(recipe.model.path) if recipe.model.path else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds)
+        policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer) if recipe.model.path
+                          else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds))
         configure_policy(policy, recipe)
         n_params = sum(p.numel() for p in policy.model.parameters())
         say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters, on {policy.device}")
