@@ -236,8 +236,6 @@ def check_recipe(recipe: Recipe) -> None:
         problems.append(f"kl.coef={recipe.kl.coef} must be >= 0")
     if recipe.rollouts.num_workers < 0 or recipe.rollouts.max_turns < 1:
         problems.append("rollouts.num_workers must be >= 0 (0: in-process) and rollouts.max_turns >= 1")
-    if recipe.rollouts.tools and recipe.rollouts.num_workers > 0:
-        problems.append("rollouts.tools run in-process for now: set rollouts.num_workers=0 with tools")
     if recipe.rollouts.async_generation and (recipe.rollouts.num_workers < 1 or rl.dynamic_sampling):
         problems.append("rollouts.async_generation needs rollouts.num_workers >= 1 and rl.dynamic_sampling=false")
     if rl.dynamic_sampling and rl.algorithm != "grpo":

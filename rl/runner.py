@@ -258,8 +258,9 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 worker = stack.enter_context(RolloutGroup(
                     policy, ro.num_workers, ro.render_speech, ro.cpus_per_worker, ro.gpus_per_worker, ro.timeout_s,
                     ro.max_restarts, address=recipe.ray.address, torch_threads=ro.torch_threads,
+                    tools=ro.tools, max_turns=ro.max_turns, tool_options=ro.tool_options,
                 ))
-                say(f"rollouts: {ro.num_workers} Ray workers")
+                say(f"rollouts: {ro.num_workers} Ray workers" + (f", tools {', '.join(ro.tools)}" if ro.tools else ""))
             else:
                 worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
                 if ro.tools:

@@ -101,7 +101,8 @@ class RolloutGroup:
         self, policy: Policy, num_workers: int, render_speech: bool = True, cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0, timeout_s: float = 600.0, max_restarts: int = 3, address: str | None = None,
         lora_config: dict[str, Any] | None = None, torch_threads: int = 1, placement: str | None = None,
-        startup_timeout_s: float = 300.0,
+        startup_timeout_s: float = 300.0, tools: list[str] | tuple[str, ...] = (), max_turns: int = 2,
+        tool_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         _check(num_workers >= 0, f"rollouts.num_workers must be >= 0 (got {num_workers}); 0 generates in the trainer's process")
         _check(cpus_per_worker >= 0 and gpus_per_worker >= 0,
@@ -122,7 +123,7 @@ class RolloutGroup:
         self._actors: list[Any] = []
         self._placement_group: Any = None
         if num_workers == 0:
-            self._local = RolloutWorker(policy, render_speech)
+            self._local = RolloutWorker(policy, render_speech, tools, max_turns, tool_options)
             return
 
         import ray
@@ -135,8 +136,15 @@ class RolloutGroup:
             _check_local_resources(num_workers, cpus_per_worker, gpus_per_worker)
         self._snapshot_ref = ray.put(snapshot_policy(policy))
         self._remote = ray.remote(self.actor_class)
+        if tools:  # a misconfigured tool fails here, once, not in every actor
+            from .tools import resolve_tools
+
+            unknown = sorted(set(tool_options or {}) - set(resolve_tools(tools)))
+            _check(not unknown, f"tool_options name tools that are not enabled: {unknown}; enabled: {sorted(tools)}")
+            _check(max_turns >= 0, f"max_turns={max_turns} must be >= 0 (the most tool calls run per response)")
         self._actor_args = dict(render_speech=render_speech, torch_threads=torch_threads,
-                                device="cuda" if gpus_per_worker > 0 else "cpu", lora=lora_config)
+                                device="cuda" if gpus_per_worker > 0 else "cpu", lora=lora_config,
+                                tools=list(tools), max_turns=max_turns, tool_options=tool_options)
         self._resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         try:
             strategy = placement or ("PACK" if gpus_per_worker > 0 else None)

@@ -115,18 +115,21 @@ class RolloutActor(RolloutWorker):
 
     `lora` (r, alpha, dropout, target_modules) enables LoRA on a snapshot that has none
     yet; the adapter itself arrives with the first sync. `torch_threads` is per actor:
-    replicas on one machine share its cores.
+    replicas on one machine share its cores. `tools`, `max_turns` and `tool_options` are
+    the in-process worker's: the tools run in the actor (a retrieval root must be readable
+    on its node, a `module:function` tool importable there).
     """
 
     def __init__(
         self, snapshot: bytes, render_speech: bool = True, torch_threads: int = 1, device: str = "cpu",
-        lora: dict[str, Any] | None = None, version: int = 0,
+        lora: dict[str, Any] | None = None, version: int = 0, tools: Sequence[str] = (), max_turns: int = 2,
+        tool_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         policy = restore_policy(snapshot, device)
         if lora is not None and not policy.lora:
             policy.enable_lora(**lora)
-        super().__init__(policy, render_speech)
+        super().__init__(policy, render_speech, tools, max_turns, tool_options)
         self.version = version
 
     def generate_shard(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:

@@ -53,3 +53,25 @@ def test_async_generation_is_one_step_off_policy(tmp_path: Path) -> None:
     assert rows[0]["clip_frac"] == 0.0 and rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[2]["approx_kl"] > 1e-6  # sampled by the weights before the last update
     assert all(r["sync/bytes"] > 0 and r["rollouts/restarts"] == 0 for r in rows)
+
+
+def test_tool_use_on_two_ray_workers_trains_as_in_process(tmp_path: Path) -> None:
+    """Multi-turn rollouts with the calculator run inside the workers: the calls, their
+    results and the answers after them are the in-process run's (the loss masks too, or the
+    losses would differ)."""
+    tool_run = [
+        "sft.steps=0", "rl.steps=2", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "rl.prompts_per_step=3",
+        "rl.group_size=4", "rl.max_new_tokens=12", "rl.minibatches=1", "logging.wandb=false", "run.progress=false",
+    ]
+
+    def run(workers: int) -> list[dict]:
+        out = tmp_path / f"tools{workers}"
+        recipe = load_recipe("tool_use_grpo", [*tool_run, f"rollouts.num_workers={workers}", f"run.output_dir={out}"], Recipe)
+        return read_metrics(train(recipe, "tool_use_grpo") / "metrics.jsonl")
+
+    local, remote = run(0), run(2)
+    assert len(local) == len(remote) == 2
+    for a, b in zip(local, remote):
+        for key in ("reward/mean", "reward/tool_call", "reward/correctness", "loss", "response/tokens", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+        assert b["sync/bytes"] > 0 and b["rollouts/restarts"] == 0

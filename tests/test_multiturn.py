@@ -237,3 +237,23 @@ def test_configuration_mistakes_raise_before_generating(policy):
         generate_with_tools(policy, [question()], 1, SAMPLING, 0, ["calculator"], 1, tool_options={"retrieval": {"root": "."}})
     with pytest.raises(ValueError, match="max_turns=-1"):
         generate_with_tools(policy, [question()], 1, SAMPLING, 0, ["calculator"], -1)
+
+
+def test_tools_run_inside_ray_rollout_workers(policy):
+    """A group of 2 Ray workers with the calculator enabled: each worker runs the calls its
+    rows make (scripted here, so every row calls) and gives the in-process worker's
+    rollouts, tool results, loss masks and call records."""
+    from vocalign.rollouts.group import RolloutGroup
+
+    scripted = ScriptedPolicy(policy, {f"{p}#{j}": CALL for p in ("a", "b", "c") for j in range(2)})
+    prompts = [question("a"), question("b"), question("c")]
+    local = RolloutWorker(scripted, render_speech=False, tools=["calculator"], max_turns=1).generate(prompts, 2, SAMPLING, 7)
+    with RolloutGroup(scripted, 2, render_speech=False, tools=["calculator"], max_turns=1) as group:
+        remote = group.generate(prompts, 2, SAMPLING, 7)
+    assert len(remote) == len(local) == 6
+    for a, b in zip(local, remote):
+        assert (b.response_ids, b.loss_mask, b.prompt.id) == (a.response_ids, a.loss_mask, a.prompt.id)
+        assert b.tool_calls == a.tool_calls and b.tool_calls[0]["executed"]
+        assert "10063" in b.raw_text  # 347 * 29, computed in the worker and inserted as the tool turn
+    with pytest.raises(ValueError, match="tool_options name tools that are not enabled"):
+        RolloutGroup(scripted, 1, tools=["calculator"], tool_options={"retrieval": {"root": "."}})
