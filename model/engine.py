@@ -368,16 +368,56 @@ class FastForward:
 
 
 def _project(x: torch.Tensor, *linears: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear layers on the same input, outputs joined along the last dimension (+ residual):
-    plain `nn.Linear`s as one matmul on their joined weights, LoRA-wrapped ones as their modules."""
-    if not all(isinstance(m, nn.Linear) for m in linears):
+    """Linear layers on the same input, outputs joined along the last dimension (+ residual),
+    as one matmul on their joined weights. Under LoRA (one plain adapter per layer, no
+    dropout) the adapters join too: A matrices stacked, B matrices (scaled) block-diagonal,
+    so q/k/v is three matmuls in all, not three per layer; layers LoRA wraps otherwise
+    (dropout, several adapters, DoRA) run as their peft modules."""
+    parts = [_plain_lora(m) for m in linears]
+    if any(p is None for p in parts):
         outs = [m(x) for m in linears]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out if residual is None else residual + out
-    if len(linears) == 1:
-        return linear(x, linears[0].weight, linears[0].bias, residual)
-    weight = torch.cat([m.weight for m in linears])
-    bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
-    return linear(x, weight, bias, residual)
+    weight, bias = _joined([(base.weight, base.bias) for base, _ in parts])
+    out = linear(x, weight, bias, residual)
+    if all(adapter is None for _, adapter in parts):
+        return out
+    stacked = torch.cat([adapter[0] for _, adapter in parts if adapter is not None])
+    # a layer without an adapter is a zero-width block: its outputs get nothing from the adapters
+    blocks = [adapter[1] * adapter[2] if adapter is not None else base.weight.new_zeros(base.weight.shape[0], 0)
+              for base, adapter in parts]
+    return linear(linear(x, stacked), torch.block_diag(*blocks), None, out)
+
+
+def _joined(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (and biases: zeros where a layer has none; None if none has one) of linear
+    layers on the same input, joined into one layer's."""
+    if len(weights) == 1:
+        return weights[0]
+    weight = torch.cat([w for w, _ in weights])
+    if all(b is None for _, b in weights):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in weights])
+
+
+def _plain_lora(module: nn.Module):
+    """(linear, (A, B, scaling) or None) for a plain `nn.Linear` (no adapter) or a peft LoRA
+    linear computing base(x) + scaling * B(A(x)) without dropout (None: its adapters are
+    disabled, as for the KL reference, or merged); None for any other layer."""
+    if isinstance(module, nn.Linear):
+        return module, None
+    base = getattr(module, "base_layer", None)
+    if not isinstance(base, nn.Linear):
+        return None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return base, None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return base, None
+    if len(active) > 1 or getattr(module, "use_dora", {}).get(active[0], False):
+        return None
+    name = active[0]
+    dropout = module.lora_dropout[name]
+    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)):
+        return None
+    return base, (module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])

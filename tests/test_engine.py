@@ -308,3 +308,41 @@ def test_the_recipe_places_the_policy_on_its_device():
     policy = make_policy("text")
     configure_policy(policy, load_recipe("demo", ["model.device=cpu"], Recipe))
     assert policy.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("case", ["some projections adapted", "adapter dropout, evaluating"])
+def test_the_fast_forward_under_partial_lora_and_lora_dropout(case):
+    """Adapters on only some of q/k/v and gate/up (the others join as zero-width blocks),
+    and adapters with dropout outside training (joined; dropout is off): the transformers
+    forward's values and gradients. In training, dropout makes the adapted layers run as
+    their peft modules, and the forward is random."""
+    from vocalign.model.engine import _plain_lora
+
+    policy = make_policy("text")
+    if case == "some projections adapted":
+        policy.enable_lora(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+        policy.model.train()
+    else:
+        policy.enable_lora(r=4, alpha=8, dropout=0.3)
+        policy.model.eval()
+    randomise_lora(policy)
+    seq = shuffled_rows(policy, "text")
+    results = {}
+    for engine in ("hf", "fast"):
+        policy.forward_engine = engine
+        policy.model.zero_grad()
+        logp = policy.logprobs(seq)
+        (logp.sum() / seq.response_mask.sum()).backward()
+        results[engine] = (logp.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results["fast"][0], results["hf"][0], atol=1e-5, rtol=0)
+    for name, grad in results["hf"][1].items():
+        torch.testing.assert_close(results["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in results["hf"][1].items() if "lora_B" in n)
+    if case == "adapter dropout, evaluating":
+        q_proj = policy.model.lm.get_base_model().model.layers[0].self_attn.q_proj
+        assert _plain_lora(q_proj) is not None
+        policy.model.train()
+        assert _plain_lora(q_proj) is None  # dropout on: the peft module itself
+        with torch.no_grad():
+            draws = [policy.logprobs(seq) for _ in range(2)]
+        assert not torch.equal(draws[0], draws[1])
