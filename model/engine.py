@@ -251,12 +251,9 @@ def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
 
 
 def _fuse(*linears: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Linear layers on the same input as one: the [in, sum of outs] weight and the joined
-    bias (zeros for a layer without one; None if none has one)."""
-    weight = torch.cat([w for w, _ in linears]).t()
-    if all(b is None for _, b in linears):
-        return weight, None
-    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in linears])
+    """Linear layers on the same input as one, as the [in, sum of outs] weight and the joined bias."""
+    weight, bias = _joined(list(linears))
+    return weight.t(), bias
 
 
 class FastForward:
@@ -271,7 +268,7 @@ class FastForward:
 
     - q/k/v and gate/up each run as one matmul on the joined weights (joined by a
       differentiable `cat` each call, so the parameters and checkpoints stay the model's);
-      projections wrapped by LoRA run as their (fused-LoRA) peft modules, their outputs joined;
+      under LoRA the adapters join too (A stacked, B block-diagonal; see `_project`);
     - RMSNorm, rotary embedding, SwiGLU and the log-probabilities run as the fused
       autograd functions of `vocalign.model.kernels`;
     - the prompts run once each (U of them, `[U, P]`), and each of the B response rows
