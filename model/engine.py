@@ -240,7 +240,7 @@ def _additive(mask: torch.Tensor, n_heads: int, n_kv: int, like: torch.Tensor) -
     """The additive form of a boolean mask [B, 1, T, S], built once for all layers, where
     `attention` will take its matmul path (a CPU, small scores); else None."""
     B, _, T, S = mask.shape
-    if like.device.type != "cpu" or B * n_heads * T * S * like.element_size() > SMALL_SCORES_BYTES:
+    if like.device.type != "cpu" or like.dtype != torch.float32 or B * n_heads * T * S * like.element_size() > SMALL_SCORES_BYTES:
         return None
     return additive_mask(mask, n_heads, n_kv, like.dtype)
 

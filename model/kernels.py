@@ -153,14 +153,15 @@ def additive_mask(mask: torch.Tensor, n_heads: int, n_kv: int, dtype: torch.dtyp
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               additive: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention: q [B, H, T, d], k and v [B, KV, S, d], mask [B, 1, T, S] (True =
-    attend). On a CPU, where the scores are small (`SMALL_SCORES_BYTES`) and q is contiguous,
+    attend). On a CPU, in float32, where the scores are small (`SMALL_SCORES_BYTES`) and q is contiguous,
     as three batched matmuls over the query heads of each KV head (`additive`: the mask from
     `additive_mask`, built once for all layers); faster there than the flash-attention kernel at
     these sizes (forward and backward), which takes every other case."""
     B, H, T, d = q.shape
     KV, S = k.shape[1], k.shape[2]
     small = B * H * T * S * q.element_size() <= SMALL_SCORES_BYTES
-    if q.device.type != "cpu" or not small or not q.is_contiguous():
+    # float32 only: in bf16 the scores and their softmax would lose what SDPA keeps in fp32
+    if q.device.type != "cpu" or not small or not q.is_contiguous() or q.dtype != torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)
     if additive is None:
         additive = additive_mask(mask, H, KV, q.dtype)

@@ -143,6 +143,9 @@ def test_attention_by_batched_matmuls_is_sdpas():
     strided = torch.cat([q, q], dim=1)[:, :H]  # q's values, not contiguous
     assert not strided.is_contiguous()
     torch.testing.assert_close(kernels.attention(strided, k, v, mask, 0.3), theirs, atol=1e-6, rtol=0)
+    # bf16 takes SDPA too (its softmax stays in fp32 there)
+    half = [t.detach().bfloat16() for t in (q, k, v)]
+    torch.testing.assert_close(kernels.attention(*half, mask, 0.3, additive=torch.empty(0)).float(), theirs.detach(), atol=3e-2, rtol=0)
     limit = kernels.SMALL_SCORES_BYTES
     try:
         kernels.SMALL_SCORES_BYTES = 0
