@@ -33,10 +33,9 @@ within that rounding.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kernels import SMALL_SCORES_BYTES, additive_mask, attention, linear, qkv_rope, rms_norm, swiglu
+from .kernels import additive_mask, attention, linear, matmul_attention, qkv_rope, rms_norm, swiglu
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | str:
@@ -138,28 +137,20 @@ class FastDecoder:
                 attn, mlp = layer.self_attn, layer.mlp
                 q, k, v, o = (_linear(getattr(attn, n)) for n in self.ATTENTION_LAYER)
                 gate, up, down = (_linear(getattr(mlp, n)) for n in self.MLP_LAYER)
-                (qkv, qkv_bias), (gate_up, gate_up_bias) = _fuse(q, k, v), _fuse(gate, up)
                 self.layers.append({
                     "norm1": _norm(layer.input_layernorm), "norm2": _norm(layer.post_attention_layernorm), "scale": attn.scaling,
-                    # [in, out] views: a transposed operand costs the matmul nothing, so only the fused
-                    # (and LoRA-merged) weights are new tensors; o and down are the model's own without LoRA
-                    "qkv": qkv, "qkv_bias": qkv_bias, "o": o[0].t(), "o_bias": o[1],
-                    "gate_up": gate_up, "gate_up_bias": gate_up_bias, "down": down[0].t(), "down_bias": down[1],
+                    # (weight, bias) pairs: only the joined (and LoRA-merged) weights are new tensors;
+                    # o and down are the model's own without LoRA
+                    "qkv": _joined([q, k, v]), "o": o, "gate_up": _joined([gate, up]), "down": down,
                 })
             self.final_norm = _norm(decoder.norm)
-            w, b = _linear(head)
-            self.head = w.t()  # a view: the LM head (often the tied embedding) is not copied
-            self.head_bias = b
+            self.head = _linear(head)  # the LM head (often the tied embedding), not copied
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None
         self.length = 0
 
     # -- the forward --------------------------------------------------------------------
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, H] at `positions` [B, T], written into the cache at self.length..; returns the last hidden [B, H]."""
         B, T, H = x.shape
@@ -167,21 +158,21 @@ class FastDecoder:
         cos, sin = self.decoder.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]
         x = x.reshape(B * T, H)
-        additive = _additive(attn_mask.expand(B, 1, T, end), self.n_heads, self.n_kv, x)
+        mask = _Mask(attn_mask, self.n_heads, self.n_kv)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, *w["norm1"])
-            q, k, v = qkv_rope(_mm(h, w["qkv"], w["qkv_bias"]).view(B, T, -1), cos, sin, self.n_heads, self.n_kv)
+            q, k, v = qkv_rope(linear(h, *w["qkv"]).view(B, T, -1), cos, sin, self.n_heads, self.n_kv)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            attn = attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask, w["scale"], additive)
-            x = _mm(attn.transpose(1, 2).reshape(B * T, -1), w["o"], w["o_bias"], residual=x)
+            attn = mask.attend(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], w["scale"])
+            x = linear(attn.transpose(1, 2).reshape(B * T, -1), *w["o"], residual=x)
             h = rms_norm(x, *w["norm2"])
-            x = _mm(swiglu(_mm(h, w["gate_up"], w["gate_up_bias"])), w["down"], w["down_bias"], residual=x)
+            x = linear(swiglu(linear(h, *w["gate_up"])), *w["down"], residual=x)
         self.length = end
         return rms_norm(x.view(B, T, H)[:, -1], *self.final_norm)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _mm(hidden, self.head, self.head_bias).float()
+        return linear(hidden, *self.head).float()
 
     @torch.no_grad()
     def prefill(
@@ -204,7 +195,7 @@ class FastDecoder:
         if capacity < P:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {P}")
         shape = (B, self.n_kv, capacity, self.head_dim)
-        dtype, device = self.layers[0]["qkv"].dtype, embeds.device
+        dtype, device = self.layers[0]["qkv"][0].dtype, embeds.device
         # not zeroed: attention reads positions < length only, and every one of them is written
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -225,35 +216,27 @@ class FastDecoder:
             raise RuntimeError(f"the KV cache holds {self.valid.shape[1]} positions and is full; prefill with a larger capacity")
         self.valid[:, self.length] = True
         attn_mask = self.valid[:, None, None, : self.length + 1]
-        return self._logits(self._forward(embeds.to(self.layers[0]["qkv"].dtype), positions, attn_mask))
+        return self._logits(self._forward(embeds.to(self.layers[0]["qkv"][0].dtype), positions, attn_mask))
 
 
-def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight_t (+ bias) (+ residual), the additions inside the matmul where they can be."""
-    if residual is None:
-        return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
-    out = torch.addmm(residual, x, weight_t)
-    return out.add_(bias) if bias is not None else out
+class _Mask:
+    """A boolean attention mask [B, 1, T, S] (True = attend), shared by every layer of a
+    forward, with its additive form made once, on first use, where `attention` takes its
+    batched-matmul path."""
 
+    def __init__(self, mask: torch.Tensor, n_heads: int, n_kv: int) -> None:
+        self.mask, self.n_heads, self.n_kv = mask, n_heads, n_kv
+        self.additive: torch.Tensor | None = None
 
-def _additive(mask: torch.Tensor, n_heads: int, n_kv: int, like: torch.Tensor) -> torch.Tensor | None:
-    """The additive form of a boolean mask [B, 1, T, S], built once for all layers, where
-    `attention` will take its matmul path (a CPU, small scores); else None."""
-    B, _, T, S = mask.shape
-    if like.device.type != "cpu" or like.dtype != torch.float32 or B * n_heads * T * S * like.element_size() > SMALL_SCORES_BYTES:
-        return None
-    return additive_mask(mask, n_heads, n_kv, like.dtype)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.additive is None and matmul_attention(q, k.shape[2]):
+            self.additive = additive_mask(self.mask, self.n_heads, self.n_kv, q.dtype)
+        return attention(q, k, v, self.mask, scale, self.additive)
 
 
 def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
     """(weight, eps) of a Qwen2 RMSNorm."""
     return module.weight, module.variance_epsilon
-
-
-def _fuse(*linears: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Linear layers on the same input as one, as the [in, sum of outs] weight and the joined bias."""
-    weight, bias = _joined(list(linears))
-    return weight.t(), bias
 
 
 class FastForward:
@@ -303,9 +286,9 @@ class FastForward:
         config = self.decoder.config
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cos, sin, mask, additive, past=None):
-        """One decoder layer on x [B, T, H] (mask [B, 1, T, S] and its `additive` form); `past` =
-        the (keys, values) to prepend. Returns x and this layer's (keys, values)."""
+    def _layer(self, layer: nn.Module, x: torch.Tensor, cos, sin, mask: _Mask, past=None):
+        """One decoder layer on x [B, T, H]; `past` = the (keys, values) to prepend. Returns x
+        and this layer's (keys, values)."""
         B, T, H = x.shape
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(x, *_norm(layer.input_layernorm))
@@ -313,7 +296,7 @@ class FastForward:
         own = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = attention(q, k, v, mask, attn.scaling, additive)
+        out = mask.attend(q, k, v, attn.scaling)
         x = _project(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, residual=x)
         h = rms_norm(x, *_norm(layer.post_attention_layernorm))
         x = _project(swiglu(_project(h, mlp.gate_proj, mlp.up_proj)), mlp.down_proj, residual=x)
@@ -333,9 +316,9 @@ class FastForward:
         mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
         cos, sin = self._rotary(prompt_embeds, prompt_positions)
         x, past = prompt_embeds, []
-        additive = _additive(mask, self.n_heads, self.n_kv, x)
+        mask = _Mask(mask, self.n_heads, self.n_kv)
         for layer in self.decoder.layers:
-            x, kv = self._layer(layer, x, cos, sin, mask, additive)
+            x, kv = self._layer(layer, x, cos, sin, mask)
             past.append(kv)
         last = x[:, -1:]
         if rows is not None:
@@ -347,11 +330,11 @@ class FastForward:
             mask = torch.cat([seen, torch.ones(R, R, dtype=torch.bool, device=device).tril().expand(B, 1, R, R)], dim=-1)
             cos, sin = self._rotary(response_embeds, response_positions)
             y = response_embeds
-            additive = _additive(mask, self.n_heads, self.n_kv, y)
+            mask = _Mask(mask, self.n_heads, self.n_kv)
             for layer, (k, v) in zip(self.decoder.layers, past):
                 if rows is not None:  # each row reads its prompt's keys and values
                     k, v = k.index_select(0, rows), v.index_select(0, rows)
-                y, _ = self._layer(layer, y, cos, sin, mask, additive, past=(k, v))
+                y, _ = self._layer(layer, y, cos, sin, mask, past=(k, v))
             last = torch.cat([last, y], dim=1)
         return rms_norm(last, *_norm(self.decoder.norm))
 

@@ -38,12 +38,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _normalised(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / rms(x), 1 / rms(x)) in fp32, as transformers computes RMSNorm's statistics."""
+    xf = x.float()
+    inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+    return xf * inv, inv
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()  # as transformers does: the statistics in fp32
-        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
-        normed = xf * inv
+        normed, inv = _normalised(x, eps)
         ctx.save_for_backward(normed, inv, weight)
         ctx.in_dtype = x.dtype
         return weight * normed.to(x.dtype)
@@ -72,9 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * (x / sqrt(mean(x**2) + eps))` over the last dimension, as Qwen2's RMSNorm."""
     if _needs_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps)
-    xf = x.float()
-    inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
-    return weight * (xf * inv).to(x.dtype)
+    return weight * _normalised(x, eps)[0].to(x.dtype)
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
@@ -141,6 +144,16 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
 SMALL_SCORES_BYTES = 64 << 20
 
 
+def matmul_attention(q: torch.Tensor, n_keys: int) -> bool:
+    """Whether `attention` takes its batched-matmul path for queries q [B, H, T, d] over
+    `n_keys` keys: on a CPU, in float32 (in bf16 the scores and their softmax would lose
+    what SDPA keeps in fp32), for a contiguous q and a score tensor of at most
+    `SMALL_SCORES_BYTES`."""
+    B, H, T, _ = q.shape
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.is_contiguous()
+            and B * H * T * n_keys * q.element_size() <= SMALL_SCORES_BYTES)
+
+
 def additive_mask(mask: torch.Tensor, n_heads: int, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask [B, 1, T, S] (True = attend) as the additive float mask
     [B * n_kv, (n_heads // n_kv) * T, S] that `attention`'s matmul path adds to its scores."""
@@ -153,15 +166,12 @@ def additive_mask(mask: torch.Tensor, n_heads: int, n_kv: int, dtype: torch.dtyp
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               additive: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention: q [B, H, T, d], k and v [B, KV, S, d], mask [B, 1, T, S] (True =
-    attend). On a CPU, in float32, where the scores are small (`SMALL_SCORES_BYTES`) and q is contiguous,
-    as three batched matmuls over the query heads of each KV head (`additive`: the mask from
+    attend). Where `matmul_attention` says so (a CPU, float32, small scores), as three batched matmuls over the query heads of each KV head (`additive`: the mask from
     `additive_mask`, built once for all layers); faster there than the flash-attention kernel at
     these sizes (forward and backward), which takes every other case."""
     B, H, T, d = q.shape
     KV, S = k.shape[1], k.shape[2]
-    small = B * H * T * S * q.element_size() <= SMALL_SCORES_BYTES
-    # float32 only: in bf16 the scores and their softmax would lose what SDPA keeps in fp32
-    if q.device.type != "cpu" or not small or not q.is_contiguous() or q.dtype != torch.float32:
+    if not matmul_attention(q, S):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)
     if additive is None:
         additive = additive_mask(mask, H, KV, q.dtype)
@@ -197,19 +207,21 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_up[..., :inner]).mul_(gate_up[..., inner:])
 
 
+def _linear_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """residual + flat @ weight.T + bias for flat [N, in], the additions inside addmm where they can be."""
+    if residual is None:
+        return torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+    out = torch.addmm(residual.reshape(-1, weight.shape[0]), flat, weight.t())
+    return out.add_(bias) if bias is not None else out
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if residual is not None:
-            out = torch.addmm(residual.reshape(-1, weight.shape[0]), flat, weight.t())
-            if bias is not None:
-                out.add_(bias)
-        else:
-            out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
         ctx.save_for_backward(flat, weight)
         ctx.in_shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return _linear_forward(flat, weight, bias, residual).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -227,8 +239,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`residual + x @ weight.T + bias` (`F.linear` plus a residual), see the module docstring."""
     if _needs_grad(x, weight, *(t for t in (bias, residual) if t is not None)):
         return _Linear.apply(x, weight, bias, residual)
-    out = F.linear(x, weight, bias)
-    return out if residual is None else out.add_(residual)
+    return _linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, residual).view(*x.shape[:-1], weight.shape[0])
 
 
 class _TokenLogprobs(torch.autograd.Function):
