@@ -42,6 +42,17 @@ def _no_ray_left_running():
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny models, whatever OMP_NUM_THREADS says: they
+    run fastest so, as more threads only spin-wait when the CPUs are busy (measured on
+    test_model.py: 4 s on one thread, over 100 s on two beside another busy process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def one_deepspeed_process_group():
     """The DeepSpeed backend sets the single-process rendezvous variables and starts a gloo
     group; both are undone after the module, so later tests (accelerate, TRL) see a plain process."""

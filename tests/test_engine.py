@@ -26,12 +26,7 @@ from test_qwen2_audio import tiny_qwen2_audio
 SR = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def text_lm(tokenizer: ChatTokenizer, hidden_act: str = "silu") -> Policy:

@@ -15,12 +15,7 @@ from vocalign.model.lora import FusedLoRA, fuse_lora, unfuse_lora
 from vocalign.model.policy import Sampling
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def lora_policy(dropout: float = 0.0):

@@ -31,14 +31,7 @@ def speech(text: str, seconds: float | None = None) -> Audio:
     return Audio(w, SR)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small runs fastest on one thread: more only spin-wait when the CPUs are busy
-    (measured: this file takes 4 s on one thread, over 100 s on two beside another busy process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
