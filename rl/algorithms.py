@@ -13,11 +13,17 @@ def group_normalized_advantages(
 ) -> torch.Tensor:
     """GRPO advantages: each reward minus its group's mean, divided by a reward std when `scale`.
 
-    `rewards` is flat, grouped by prompt ([P * group_size]); the result has the same shape.
-    `std_scope` picks the std: "group" (GRPO: each group's own) or "batch" (one std of all
-    the rewards, "Lite PPO", TRL's scale_rewards="batch"), which keeps a group whose
-    rewards barely differ from having its tiny differences blown up to unit size.
-    `eps` keeps a group with equal rewards at 0 instead of 0 / 0 (TRL uses 1e-4).
+    `rewards` is flat, grouped by prompt ([P * group_size]); the result has the same shape
+    and dtype. `std_scope` picks the std: "group" (GRPO: each group's own) or "batch" (one
+    std of all the rewards, "Lite PPO", TRL's scale_rewards="batch"), which keeps a group
+    whose rewards barely differ from having its tiny differences blown up to unit size.
+    `eps` is added to the std (TRL uses 1e-4).
+
+    A group whose rewards are all equal gets exactly 0, whatever their value and dtype.
+    Rounding makes that a rule of its own: in float32 the mean of 8 rewards tied at 0.1
+    differs from 0.1 by about one ulp, and dividing that residual by (0 + eps) gave every
+    sample of the group the same spurious advantage (up to ~0.1). The statistics are
+    computed in float64, and tied groups are set to 0 by an exact comparison.
     """
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: a group needs at least 2 samples to normalise within")
@@ -25,12 +31,13 @@ def group_normalized_advantages(
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if std_scope not in STD_SCOPES:
         raise ValueError(f"std_scope={std_scope!r} is not known; use one of {', '.join(STD_SCOPES)}")
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.view(-1, group_size).to(torch.float64)
+    tied = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
     adv = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
-        std = grouped.std(dim=1, keepdim=True) if std_scope == "group" else rewards.std()
+        std = grouped.std(dim=1, keepdim=True) if std_scope == "group" else grouped.std()
         adv = adv / (std + eps)
-    return adv.reshape(-1)
+    return adv.masked_fill(tied, 0.0).to(rewards.dtype).reshape(-1)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -48,8 +55,15 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++: rewards normalised over the whole batch (no groups, no critic)."""
-    return (rewards - rewards.mean()) / (rewards.std() + eps)
+    """REINFORCE++: rewards normalised over the whole batch (no groups, no critic).
+
+    Computed in float64; a batch whose rewards are all equal gets exactly 0 (see
+    `group_normalized_advantages` for why that needs its own rule).
+    """
+    flat = rewards.to(torch.float64)
+    if bool(flat.amax() == flat.amin()):
+        return torch.zeros_like(rewards)
+    return ((flat - flat.mean()) / (flat.std() + eps)).to(rewards.dtype)
 
 
 def gae_advantages(
@@ -89,6 +103,18 @@ def _clipped_surrogate(
     capped = unclipped if ratio_max is None else ratio.clamp(max=ratio_max) * advantages
     surrogate = torch.minimum(capped, clipped)
     return -surrogate, surrogate != unclipped
+
+
+def dual_clipped(ratio: torch.Tensor, advantages: torch.Tensor, ratio_max: float | None) -> torch.Tensor:
+    """Where the dual clip (`ratio_max`) capped the loss: A < 0 and ratio > ratio_max.
+
+    The clipped losses flag these as clipped, since the cap changed their loss; TRL's
+    `clip_ratio/region_mean` does not (it counts ratio < 1 - eps with A < 0 and ratio >
+    1 + eps_high with A > 0 only), so its value is our clip fraction minus this one's.
+    """
+    if ratio_max is None:
+        return torch.zeros_like(ratio, dtype=torch.bool)
+    return (advantages < 0) & (ratio > ratio_max)
 
 
 def clipped_policy_loss(

@@ -377,11 +377,14 @@ class RLTrainer:
             token_loss, clipped = alg.gspo_policy_loss(logprobs, old, adv_seq, m, lc.clip_low, lc.clip_high, lc.ratio_max)
             clip_frac = clipped.float().mean()
             log_ratio = alg.sequence_log_ratio(logprobs, old, m).unsqueeze(-1)
+            dual_frac = alg.dual_clipped(log_ratio.detach().exp().squeeze(-1), adv_seq, lc.ratio_max).float().mean()
         else:
             adv = adv if adv.dim() == 1 else adv[:, :T]  # per sequence (GRPO family) or per token (PPO)
             token_loss, clipped = alg.clipped_policy_loss(logprobs, old, adv, lc.clip_low, lc.clip_high, lc.ratio_max)
             clip_frac = alg.masked_mean(clipped.float(), m)
             log_ratio = logprobs - old
+            token_adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+            dual_frac = alg.masked_mean(alg.dual_clipped(log_ratio.detach().exp(), token_adv, lc.ratio_max).float(), m)
         if self.kl_coef > 0 and kc.mode == "loss":
             token_kl = kl_estimate(kc, logprobs, ref_logprobs[rows][:, :T])
             if kc.importance_weighted:
@@ -401,6 +404,8 @@ class RLTrainer:
             log_ratio = logprobs.detach() - old
             stats["loss"] += float(loss)  # already scaled to its share of the minibatch's loss
             stats["clip_frac"] += float(clip_frac) * share
+            if lc.ratio_max is not None:
+                stats["clip_frac/dual"] += float(dual_frac) * share
             stats["entropy"] += float(alg.masked_mean(entropy, m)) * share
             stats["approx_kl"] += float(alg.masked_mean(torch.expm1(log_ratio) - log_ratio, m)) * share
             stats["neg_logprob"] += float(-alg.masked_mean(logprobs.detach(), m)) * share

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from vocalign.rl.algorithms import clipped_policy_loss, group_normalized_advantages, kl_k3, masked_mean
+from vocalign.rl.algorithms import (
+    batch_normalized_advantages,
+    clipped_policy_loss,
+    group_normalized_advantages,
+    kl_k3,
+    masked_mean,
+)
 
 # --- group-normalised advantages -------------------------------------------------------
 
@@ -37,6 +43,59 @@ def test_advantages_of_an_uneven_group() -> None:
     g2 = 1 / math.sqrt(4 / 3)
     expected = torch.tensor([-0.5, -0.5, -0.5, 1.5, -g2, g2, -g2, g2])
     torch.testing.assert_close(group_normalized_advantages(rewards, 4), expected, rtol=0, atol=1e-5)
+
+
+def demo_tie_values() -> list[float]:
+    """Every total the demo's reward weights give a group whose samples all score alike.
+
+    Components as the demo's rewards return them: correctness 0/1 or None, the spoken
+    answer's 1 - WER for answers of up to three words, the fraction of up to two requested
+    style attributes (or None); totals combined by the reward registry itself.
+    """
+    from vocalign.rewards.registry import _combine
+    from vocalign.rl.config import Recipe
+    from vocalign.rl.recipe import load_recipe
+
+    specs = load_recipe("demo", [], Recipe).rewards
+    assert [s.name for s in specs] == ["correctness", "speech_consistency", "paralinguistic"]
+    values = {
+        "correctness": [None, 0.0, 1.0],
+        "speech_consistency": [None, 0.0, 1 / 3, 0.5, 2 / 3, 1.0],
+        "paralinguistic": [None, 0.0, 0.5, 1.0],
+    }
+    ties = set()
+    for c in values["correctness"]:
+        for s in values["speech_consistency"]:
+            for p in values["paralinguistic"]:
+                ties.add(_combine(specs, [([c], 0), ([s], 0), ([p], 0)], 1).total[0])
+    return sorted(ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group_size", [2, 3, 5, 6, 7, 8, 16])
+def test_tied_groups_get_exactly_zero(dtype: torch.dtype, group_size: int) -> None:
+    ties = demo_tie_values()
+    assert len(ties) >= 25 and {0.1, 0.2, 0.3, 0.7, 0.8} <= {round(t, 12) for t in ties}
+    # one tied group per value, beside a group with spread so that the batch std is not 0
+    spread = torch.arange(group_size, dtype=torch.float64) ** 2  # no sample at its group mean
+    rewards = torch.cat([torch.full((group_size,), t, dtype=torch.float64) for t in ties] + [spread]).to(dtype)
+    tied = slice(0, len(ties) * group_size)
+    for scale, scope in [(True, "group"), (True, "batch"), (False, "group")]:
+        adv = group_normalized_advantages(rewards, group_size, scale=scale, std_scope=scope)
+        assert adv.dtype == dtype
+        assert (adv[tied] == 0).all(), (scale, scope, adv[tied][adv[tied] != 0][:4])
+        assert (adv[tied.stop :] != 0).all()  # the group with spread still learns
+    for t in ties:
+        assert (batch_normalized_advantages(torch.full((group_size,), t, dtype=torch.float64).to(dtype)) == 0).all()
+
+
+def test_tied_float32_group_was_not_zero_in_its_own_dtype() -> None:
+    """The rounding that the tie rule guards against: float32 statistics of 8 rewards tied at 0.1."""
+    rewards = torch.full((8,), 0.1, dtype=torch.float32)
+    residual = rewards - rewards.mean()
+    naive = residual / (rewards.std() + 1e-6)
+    assert naive.abs().max() > 1e-3  # what every sample would have been told, had it been computed so
+    assert (group_normalized_advantages(rewards, 8) == 0).all()
 
 
 def test_advantages_need_whole_groups() -> None:

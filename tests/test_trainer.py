@@ -579,3 +579,14 @@ def test_epochs_repeat_the_minibatches(prompts: list[Prompt], monkeypatch: pytes
     assert len(clipped_tokens) == 4 and clipped_tokens[0] == 0
     assert max(clipped_tokens[2:]) > 0, f"clipped tokens per minibatch: {clipped_tokens}"
     assert metrics["clip_frac"] > 0 and metrics["approx_kl"] > 0
+
+
+def test_dual_clip_is_logged_apart_from_the_clip_fraction(prompts: list[Prompt]) -> None:
+    """With loss.ratio_max, clip_frac counts the capped tokens too; clip_frac/dual says how many
+    of them the cap alone changed (clip_frac - clip_frac/dual is TRL's clip_ratio/region_mean)."""
+    rl = {"epochs": 2, "minibatches": 2, "lr": 0.05}
+    metrics, _ = make_trainer(make_policy(), reward(first_token), rl=rl, loss={"ratio_max": 1.21}).step(
+        PromptCursor(prompts, 0), step=0)
+    assert 0.0 < metrics["clip_frac/dual"] <= metrics["clip_frac"]
+    plain, _ = make_trainer(make_policy(), reward(first_token), rl=rl).step(PromptCursor(prompts, 0), step=0)
+    assert "clip_frac/dual" not in plain

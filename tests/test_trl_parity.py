@@ -229,6 +229,20 @@ def test_two_sided_clip_matches_trl_delta(tiny_model, level: str) -> None:
     assert_same(our_grad, their_grad)
     uncapped, _, _ = our_loss(batch, policy=policy, aggregation="seq-mean-token-mean")
     assert abs(float(uncapped - theirs)) > 1e-3  # delta did cap something in this batch
+    # clip_frac counts the capped tokens as clipped, TRL's clip_ratio/region_mean does not:
+    # theirs is ours minus clip_frac/dual (the trainer logs both)
+    _, _, clipped = our_loss(batch, policy=policy, aggregation="seq-mean-token-mean", ratio_max=delta)
+    mask, adv = batch["mask"], batch["advantages"]
+    if level == "sequence":
+        ratio = alg.sequence_log_ratio(batch["logprobs"], batch["old"], mask).exp()
+        clip_frac, dual = clipped.double().mean(), alg.dual_clipped(ratio, adv, delta).double().mean()
+    else:
+        ratio = (batch["logprobs"] - batch["old"]).exp()
+        clip_frac = alg.masked_mean(clipped.double(), mask)
+        dual = alg.masked_mean(alg.dual_clipped(ratio, adv[:, None], delta).double(), mask)
+    region = trainer._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert float(dual) > 0 and float(clip_frac) > region
+    assert float(clip_frac - dual) == pytest.approx(region, abs=ATOL)
 
 
 def test_gradient_accumulation_matches_trl(tiny_model) -> None:
