@@ -32,17 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from vocalign.data.espeak import Voice
-from vocalign.data.synthetic import (
-    DEFAULT_VOICES,
-    MAX_CLIP_SECONDS,
-    _attach_audio,
-    _check_count,
-    _draw_clip,
-    _voices,
-    number_to_words,
-    sentence,
-)
-from vocalign.data.types import Message, Prompt, Response, SpeechStyle
+from vocalign.data.render import MAX_CLIP_SECONDS, attach_audio, draw_clip
+from vocalign.data.speakers import Conditions, resolve_voices
+from vocalign.data.synthetic import check_count, number_to_words, sentence
+from vocalign.data.types import Message, Prompt, Response
 from vocalign.rollouts.tools import (
     DEFAULT_VOICE_LIBRARY,
     format_tool_call,
@@ -97,7 +90,10 @@ def tool_use(
     describe_tools: str = "names",
     rows: str = "call",
     speak_answer: bool = False,
-    voices: Sequence[str | Voice] = DEFAULT_VOICES,
+    voices: str | Sequence[str | Voice] = "train",
+    prosody: str = "train",
+    warp: str = "train",
+    noise: str = "train",
     sample_rate: int = 16000,
     max_seconds: float = MAX_CLIP_SECONDS,
 ) -> list[Prompt]:
@@ -112,7 +108,7 @@ def tool_use(
     `rows` is "call", "answer" or "both" (see the module doc); with "both" the call gives
     2n prompts.
     """
-    _check_count(n, "tool_use")
+    check_count(n, "tool_use")
     if rows not in ROWS:
         raise ValueError(f"tool_use: rows={rows!r} is not known; use one of {', '.join(ROWS)}")
     bad = [k for k in kinds if k not in TOOL_TASK_KINDS] or ([] if kinds else ["(none)"])
@@ -123,7 +119,8 @@ def tool_use(
         raise ValueError(f"tool_use: ops={list(ops)!r}: use one or more of {', '.join(CALCULATOR_OPS)}")
     if max_operand < 2:
         raise ValueError(f"tool_use: max_operand={max_operand} must be at least 2")
-    speakers = _voices(voices) if spoken else []
+    speakers = resolve_voices(voices) if spoken else []
+    conditions = Conditions(prosody, warp, noise)
     header = tools_message(sorted(set(kinds)), describe_tools)
     rng = np.random.default_rng(seed)
     questions, clips = [], []
@@ -135,7 +132,7 @@ def tool_use(
             q = _voice_question(rng)
         questions.append(q)
         if spoken:
-            clips.append(_draw_clip(rng, q["spoken"], speakers, SpeechStyle()))
+            clips.append(draw_clip(rng, q["spoken"], speakers, conditions=conditions))
     prompts = [
         Prompt(
             id=f"tool_use-{seed}-{i}",
@@ -146,7 +143,7 @@ def tool_use(
         for i, q in enumerate(questions)
     ]
     if spoken:
-        prompts = _attach_audio(prompts, clips, sample_rate, max_seconds, seed)
+        prompts = attach_audio(prompts, clips, sample_rate, max_seconds, seed)
     if rows == "call":
         return prompts
     out = []

@@ -90,10 +90,28 @@ def load_prompts(
     on_bad_row: "raise" stops at the first bad row with a BadRowError; "skip" leaves
     bad rows out and counts them.
     """
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row={on_bad_row!r} is not known; use one of {', '.join(map(repr, ON_BAD_ROW))}")
     path = Path(path)
     dataset, base_dir = _open_dataset(path, split)
+    return prompts_from_dataset(dataset, path, base_dir, sample_rate=sample_rate, on_bad_row=on_bad_row, task=task)
+
+
+def prompts_from_dataset(
+    dataset: datasets.Dataset,
+    path: str | Path,
+    base_dir: str | Path,
+    *,
+    sample_rate: int = 16000,
+    on_bad_row: str = "raise",
+    task: str = "custom",
+) -> LoadedPrompts:
+    """The prompts of a `datasets.Dataset` whose rows follow the row schema.
+
+    `path` names the data in error messages; relative audio paths start from `base_dir`.
+    Other formats (benchmarks' own fields) are mapped onto the schema first and come in here.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row={on_bad_row!r} is not known; use one of {', '.join(map(repr, ON_BAD_ROW))}")
+    path, base_dir = Path(path), Path(base_dir)
     columns = set(dataset.column_names)
     if not columns & {"prompt", "audio", "messages"}:
         raise ValueError(

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vocalign.data.espeak import Voice, available_variants, resample, synthesize
+from vocalign.data.speakers import ACCENTS, HELD_OUT_VARIANTS
 from vocalign.data.synthetic import STYLE_PHRASES, number_to_words, sentence, sentence_words, style_phrase
 from vocalign.data.types import STYLE_LEVELS, SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
@@ -68,12 +69,10 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(set(
     ]).split()
 )))
 
-# English base voices x espeak-ng variants make the speakers. These variants (about one
-# in ten, whispered, robotic and default-task voices among them) are never trained on.
-BASE_VOICES = ("en-us", "en-us-nyc", "en", "en-gb-x-rp", "en-gb-scotland", "en-029")
+# English base voices x espeak-ng variants make the speakers (the accents and held-out
+# variants of the synthetic tasks' speaker pool): the held-out variants are never trained on.
+BASE_VOICES = ACCENTS
 _BASE_WEIGHTS = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
-HELD_OUT_VARIANTS = ("Andy", "Lee", "anika", "belinda", "edward2", "f4", "iven3", "klatt4", "m6",
-                     "robosoft3", "whisperf")
 
 
 def training_variants() -> list[str]:
