@@ -306,10 +306,31 @@ _THRESHOLDS = {"pitch": PITCH_THRESHOLDS_ST, "volume": VOLUME_THRESHOLDS_DB}
 GRADE_SCALE = {"rate": 0.15, "pitch": 2.0, "volume": 2.0}
 
 
-def relative_prosody(features: ProsodyFeatures, baseline: VoiceBaseline) -> dict[str, float]:
+@lru_cache(maxsize=8192)
+def text_reference(voice: str, text: str) -> ProsodyFeatures:
+    """The features of `text` said by `voice` in neutral speech (NEUTRAL_SETTINGS), synthesized once per text.
+
+    Pitch and loudness depend on the words as well as the voice: a lone number word has
+    about 2.5 semitones less F0 than the sentences of a voice's baseline (its intonation
+    falls), so on short answers a neutral pitch sat on the low threshold (16% of neutral
+    number answers 0-18 were called "low"). Compared with the same words said neutrally,
+    it sits at 0.
+    """
+    baseline = voice_baseline(voice)
+    wav = synthesize(text, voice, sample_rate=ANALYSIS_RATE, **NEUTRAL_SETTINGS)
+    return measure(wav, ANALYSIS_RATE, text, f0_range=baseline.f0_range)
+
+
+def relative_prosody(
+    features: ProsodyFeatures, baseline: VoiceBaseline, reference: ProsodyFeatures | None = None
+) -> dict[str, float]:
     """Each measurable attribute on its axis relative to the voice, in STYLE_LEVELS order
     (larger = the last level): pitch in semitones, volume in dB, rate as a log speed ratio
-    (> 0 = faster than the voice's neutral speech)."""
+    (> 0 = faster than the voice's neutral speech).
+
+    With `reference` (the same words said neutrally, `text_reference`), pitch and volume
+    are relative to it rather than to the voice's average over its baseline texts.
+    """
     if not features.has_speech:
         return {}
     out: dict[str, float] = {}
@@ -318,9 +339,11 @@ def relative_prosody(features: ProsodyFeatures, baseline: VoiceBaseline) -> dict
     elif features.syllables_per_second:
         out["rate"] = math.log(features.syllables_per_second / baseline.syllables_per_second)
     if features.f0_level_hz is not None:
-        out["pitch"] = 12.0 * math.log2(features.f0_level_hz / baseline.f0_hz)
+        f0 = reference.f0_level_hz if reference is not None and reference.f0_level_hz else baseline.f0_hz
+        out["pitch"] = 12.0 * math.log2(features.f0_level_hz / f0)
     if features.level_db is not None:
-        out["volume"] = features.level_db - baseline.level_db
+        level = reference.level_db if reference is not None and reference.level_db is not None else baseline.level_db
+        out["volume"] = features.level_db - level
     return out
 
 
@@ -331,11 +354,14 @@ def level_thresholds(attribute: str, from_text: bool = True) -> tuple[float, flo
     return _THRESHOLDS[attribute]
 
 
-def detect_style(features: ProsodyFeatures, baseline: VoiceBaseline) -> dict[str, str]:
+def detect_style(
+    features: ProsodyFeatures, baseline: VoiceBaseline, reference: ProsodyFeatures | None = None
+) -> dict[str, str]:
     """The level of each attribute that can be measured ({"rate": "slow", ...}); an
-    attribute that cannot (pitch without voiced frames) is left out."""
+    attribute that cannot (pitch without voiced frames) is left out. `reference`: see
+    `relative_prosody`."""
     style = {}
-    for attribute, value in relative_prosody(features, baseline).items():
+    for attribute, value in relative_prosody(features, baseline, reference).items():
         low, high = level_thresholds(attribute, features.syllables_from_text)
         levels = STYLE_LEVELS[attribute]
         style[attribute] = levels[0] if value < low else levels[2] if value > high else levels[1]
@@ -355,6 +381,8 @@ def level_score(attribute: str, value: float, level: str, from_text: bool = True
 BACKENDS = ("acoustic", "classifier")
 # What text the speaking rate is measured against (see `paralinguistic`).
 RATE_TEXTS = ("transcript", "spoken_text", "none")
+# What the attributes a prompt does not request are scored on (see `paralinguistic`).
+UNREQUESTED = ("ignore", "normal")
 
 
 @reward("paralinguistic")
@@ -371,6 +399,8 @@ def paralinguistic(
     classifier_score: str = "probability",
     rate_text: str = "transcript",
     asr: str = "embedded",
+    unrequested: str = "ignore",
+    unrequested_weight: float = 0.5,
 ) -> list[float | None]:
     """Fraction of the requested style attributes (meta[style_key]) the speech has; None without a request.
 
@@ -392,12 +422,39 @@ def paralinguistic(
         raise ValueError(f"paralinguistic: backend={backend!r} is not known; use one of {', '.join(BACKENDS)}")
     if rate_text not in RATE_TEXTS:
         raise ValueError(f"paralinguistic: rate_text={rate_text!r} is not known; use one of {', '.join(RATE_TEXTS)}")
-    texts = _rate_texts(rollouts, style_key, rate_text, asr)
-    return [_acoustic_score(r, text, style_key, voice, voice_key, graded) for r, text in zip(rollouts, texts)]
+    if unrequested not in UNREQUESTED:
+        raise ValueError(f"paralinguistic: unrequested={unrequested!r} is not known; use one of {', '.join(UNREQUESTED)}")
+    if not unrequested_weight >= 0:
+        raise ValueError(f"paralinguistic: unrequested_weight={unrequested_weight!r} must be >= 0")
+    expected = [_expected_style(r, style_key, unrequested, unrequested_weight) for r in rollouts]
+    texts = _rate_texts(rollouts, expected, rate_text, asr)
+    return [_acoustic_score(r, text, want, voice, voice_key, graded) for r, text, want in zip(rollouts, texts, expected)]
 
 
-def _rate_texts(rollouts: Sequence[Rollout], style_key: str, rate_text: str, asr: str) -> list[str | None]:
-    """The words each rollout said, for its rate; transcribed only where a rate is requested."""
+def _expected_style(
+    rollout: Rollout, style_key: str, unrequested: str, unrequested_weight: float
+) -> dict[str, tuple[str, float]] | None:
+    """{attribute: (level, weight)} the speech is scored on; None for a prompt without meta[style_key].
+
+    The requested attributes weigh 1. With unrequested="normal", every other attribute is
+    expected at its neutral level with `unrequested_weight` (a prompt whose meta holds an
+    empty request, {}, then asks for neutral speech).
+    """
+    requested = rollout.meta.get(style_key)
+    if requested is None:
+        return None
+    _check_style(requested, rollout, style_key)
+    want = {attribute: (level, 1.0) for attribute, level in requested.items()}
+    if unrequested == "normal" and unrequested_weight > 0:
+        for attribute in STYLE_LEVELS:
+            want.setdefault(attribute, ("normal", unrequested_weight))
+    return want or None
+
+
+def _rate_texts(
+    rollouts: Sequence[Rollout], expected: Sequence[dict | None], rate_text: str, asr: str
+) -> list[str | None]:
+    """The words each rollout said, for its rate; transcribed only where a rate is scored."""
     if rate_text == "none":
         return [None] * len(rollouts)
     if rate_text == "spoken_text":
@@ -406,9 +463,8 @@ def _rate_texts(rollouts: Sequence[Rollout], style_key: str, rate_text: str, asr
 
     texts: list[str | None] = [None] * len(rollouts)
     asks = [
-        i for i, r in enumerate(rollouts)
-        if isinstance(r.meta.get(style_key), dict) and "rate" in r.meta[style_key]
-        and r.waveform is not None and len(r.waveform) > 0
+        i for i, (r, want) in enumerate(zip(rollouts, expected))
+        if want and "rate" in want and r.waveform is not None and len(r.waveform) > 0
     ]
     if asks:
         clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, 16000) for i in asks]
@@ -418,28 +474,29 @@ def _rate_texts(rollouts: Sequence[Rollout], style_key: str, rate_text: str, asr
 
 
 def _acoustic_score(
-    rollout: Rollout, text: str | None, style_key: str, voice: str, voice_key: str | None, graded: bool
+    rollout: Rollout, text: str | None, expected: dict[str, tuple[str, float]] | None, voice: str,
+    voice_key: str | None, graded: bool,
 ) -> float | None:
-    requested = rollout.meta.get(style_key)
-    if not requested:
+    if not expected:
         return None
-    _check_style(requested, rollout, style_key)
     if rollout.waveform is None or len(rollout.waveform) == 0:
         return 0.0
     speaker = rollout.meta.get(voice_key) if voice_key else None
     baseline = voice_baseline(speaker or voice)
     features = measure(rollout.waveform, rollout.sample_rate, text, f0_range=baseline.f0_range)
-    values = relative_prosody(features, baseline)
-    detected = detect_style(features, baseline)
-    scores = []
-    for attribute, level in requested.items():
+    reference = text_reference(speaker or voice, text) if text else None
+    values = relative_prosody(features, baseline, reference)
+    detected = detect_style(features, baseline, reference)
+    score = total = 0.0
+    for attribute, (level, weight) in expected.items():
         if attribute not in values:
-            scores.append(0.0)  # silence, or no voiced frame to take a pitch from
+            match = 0.0  # silence, or no voiced frame to take a pitch from
         elif graded:
-            scores.append(level_score(attribute, values[attribute], level, features.syllables_from_text))
+            match = level_score(attribute, values[attribute], level, features.syllables_from_text)
         else:
-            scores.append(1.0 if detected[attribute] == level else 0.0)
-    return sum(scores) / len(scores)
+            match = 1.0 if detected[attribute] == level else 0.0
+        score, total = score + weight * match, total + weight
+    return score / total
 
 
 def _check_style(requested: object, rollout: Rollout, style_key: str) -> None:

@@ -143,6 +143,25 @@ def test_reward_scores_match_opposite_partial_and_no_request(detok):
     assert para.paralinguistic(rows) == [1.0, 0.0, 0.5, None, 0.0]
 
 
+def test_unrequested_attributes_can_be_expected_neutral(detok):
+    text = "seventeen"
+    fast = speak(detok, text, rate="fast")  # pitch and volume normal
+    fast_high = speak(detok, text, rate="fast", pitch="high")
+    rows = [
+        rollout(fast, {"style": {"rate": "fast"}}, text),  # the request, and neutral elsewhere
+        rollout(fast_high, {"style": {"rate": "fast"}}, text),  # the request, but a high pitch nobody asked for
+        rollout(fast_high, {"style": {}}, text),  # asked for nothing: all three expected normal; only the volume is
+        rollout(speak(detok, text), {"style": {}}, text),
+        rollout(fast, {}, text),  # not a style prompt at all
+    ]
+    # requested attributes weigh 1, the others `unrequested_weight`: (1 + 0.5 * 0) / (1 + 0.5 + 0.5) = 0.75
+    assert para.paralinguistic(rows, unrequested="normal") == [1.0, 0.75, pytest.approx(1 / 3), 1.0, None]
+    assert para.paralinguistic(rows, unrequested="normal", unrequested_weight=0.0) == [1.0, 1.0, None, None, None]
+    assert para.paralinguistic(rows) == [1.0, 1.0, None, None, None]  # the default ignores them
+    with pytest.raises(ValueError, match="unrequested='neutral' is not known; use one of ignore, normal"):
+        para.paralinguistic(rows, unrequested="neutral")
+
+
 def test_graded_scores_are_one_inside_and_fall_outside(detok):
     text = "the answer is seven"
     loud = speak(detok, text, volume="loud")
