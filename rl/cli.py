@@ -1,10 +1,11 @@
-"""The `vocalign` command: train a recipe, export a checkpoint, list rewards, list recipes."""
+"""The `vocalign` command: train a recipe, evaluate, export a checkpoint, list rewards, list recipes."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -37,6 +38,44 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported step {result.step} ({result.stage}, {how}) to {result.out}; load it with "
           f"vocalign.model.loading.load_policy({str(result.out)!r})")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import SUITES, Variation, evaluate_targets, get_suite, resolve_targets
+    from .evaluation.report import write_report
+
+    try:
+        suites = [get_suite(name) for name in (args.suite or list(SUITES))]
+        variation = Variation.parse(args.variation)
+        data = dict(_pair(item, "--data") for item in args.data)
+        for name in data:
+            get_suite(name)
+        missing = [name for name in data if name not in {s.name for s in suites}]
+        if missing:
+            raise ValueError(f"--data names suites {missing} that this run does not evaluate; add --suite for them")
+        if args.n < 1:
+            raise ValueError(f"--n {args.n}: give the number of prompts per suite, at least 1")
+        targets = resolve_targets(args.targets)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
+    try:
+        report = evaluate_targets(targets, suites, n=args.n, seed=args.seed, variation=variation, data=data,
+                                  on_bad_row=args.on_bad_row, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:  # bad rows, missing fields: the message names the file, row and field
+        raise UsageError(str(e)) from None
+    written = write_report(report, out)
+    print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    return 0
+
+
+def _pair(item: str, flag: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key or not value:
+        raise ValueError(f"{flag} {item!r} is not SUITE=PATH")
+    return key, value
 
 
 def _rewards(_: argparse.Namespace) -> int:
@@ -77,6 +116,31 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the folder to write (new or empty; see --force)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     e.set_defaults(fn=_export)
+    v = sub.add_parser(
+        "eval",
+        help="score runs, checkpoints or models on held-out suites, side by side with 95%% intervals: "
+        "vocalign eval TARGET... [--suite NAME ...] [--n N] [--out DIR]",
+        description="Greedy responses of each TARGET to the same held-out prompts, scored per suite; writes "
+        "eval.json, eval.md, samples.jsonl and plots to --out. Suites: spoken_qa, style, transcription, "
+        "perception, tool_use (default: all).",
+    )
+    v.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="a run folder (its newest checkpoint), RUN/checkpoints/step-N, a model folder "
+                   "(RUN/checkpoints/base, an exported model) or 'embedded'; NAME=TARGET names it")
+    v.add_argument("--suite", action="append", metavar="NAME", help="a suite to run (repeat for several; default: all)")
+    v.add_argument("--n", type=int, default=200, help="prompts per suite (default 200; with --data: at most this many rows)")
+    v.add_argument("--out", default="eval", help="the folder to write (default ./eval)")
+    v.add_argument("--variation", action="append", default=[], metavar="KEY=VALUE",
+                   help="how the synthetic speech differs from training: voices=train|heldout|default, "
+                   "prosody=narrow|train|wide, noise=none|train|heavy, operands=LO-HI (repeatable)")
+    v.add_argument("--data", action="append", default=[], metavar="SUITE=PATH",
+                   help="your own data for a suite instead of synthetic prompts (formats: docs/evaluation.md)")
+    v.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise",
+                   help="a bad row of --data stops the run (raise) or is skipped and listed (skip)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts and the bootstrap")
+    v.add_argument("--max-new-tokens", type=int, default=48, help="response length limit per turn (default 48)")
+    v.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    v.set_defaults(fn=_eval)
     sub.add_parser("rewards", help="list the registered rewards with their parameters").set_defaults(fn=_rewards)
     sub.add_parser("recipes", help="list the packaged recipes").set_defaults(fn=_recipes)
     return p
