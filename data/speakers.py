@@ -89,12 +89,12 @@ def resolve_voices(voices: str | Sequence[str | Voice]) -> list[Voice]:
 PROSODY_RANGES: dict[str, dict[str, tuple[tuple[int, int], ...]]] = {
     "narrow": {"rate": ((165, 185),), "pitch": ((46, 54),), "volume": ((92, 108),)},
     "train": {"rate": ((125, 245),), "pitch": ((15, 85),), "volume": ((50, 170),)},
-    "wide": {"rate": ((95, 115), (260, 320)), "pitch": ((0, 8), (92, 99)), "volume": ((25, 40), (180, 200))},
+    "wide": {"rate": ((108, 118), (260, 320)), "pitch": ((0, 8), (92, 99)), "volume": ((25, 40), (180, 200))},
 }
 # Timbre warp: resampling factors (> 1: higher and faster) and the share of clips warped.
 WARP_RANGE = {"none": (1.0, 1.0), "train": (0.9, 1.1)}
 # Noise: (share of clips, lowest SNR dB, highest SNR dB).
-NOISE_LEVELS = {"none": (0.0, 0.0, 0.0), "train": (0.5, 10.0, 40.0), "heavy": (1.0, 0.0, 10.0)}
+NOISE_LEVELS = {"none": (0.0, 0.0, 0.0), "train": (0.25, 20.0, 40.0), "heavy": (1.0, 0.0, 10.0)}
 NOISE_COLOURS = ("white", "pink", "brown")
 
 

@@ -9,7 +9,7 @@ same seed gives identical prompts with bit-identical audio.
 Speakers and acoustic conditions come from `vocalign.data.speakers`: by default a
 question is spoken by one of about 560 espeak-ng voices (English accents x variants,
 `voice_pool("train")`), with its rate, pitch and volume drawn across slow to fast, low
-to high and soft to loud, its timbre warped and, for half the clips, background noise.
+to high and soft to loud, its timbre warped and, for a quarter of the clips, background noise.
 `voices`, `prosody`, `warp` and `noise` choose other pools and conditions, e.g. the
 held-out voices (`voices="heldout"`) or prosody outside the trained ranges
 (`prosody="wide"`), which is how an evaluation measures what the model does on speech

@@ -187,6 +187,16 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation suites (`vocalign eval`) run by the training loop itself."""
+
+    suites: list[str] = field(default_factory=list)  # e.g. [style, spoken_qa]; see `vocalign eval --help`
+    every: int = 0  # also every N RL steps (0: only after each stage)
+    n: int = 140  # prompts per suite
+    variation: dict[str, str] = field(default_factory=dict)  # e.g. {voices: heldout}; default: in distribution
+
+
+@dataclass
 class Recipe:
     description: str = ""
     # what the recipe trains: a policy (SFT, then GRPO) or a preference reward model (`reward_model` section)
@@ -203,6 +213,7 @@ class Recipe:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -242,8 +253,22 @@ def check_recipe(recipe: Recipe) -> None:
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
+    problems += _eval_problems(recipe.eval)
     if recipe.kind == "reward_model":
         problems += reward_model_problems(recipe.reward_model)
     if problems:
         raise ValueError("recipe problems:\n  " + "\n  ".join(problems))
     check_rewards(recipe.rewards)
+
+
+def _eval_problems(cfg: EvalConfig) -> list[str]:
+    from vocalign.rl.evaluation import SUITES, Variation
+
+    problems = [f"eval.suites: {name!r} is not a suite; use {', '.join(SUITES)}" for name in cfg.suites if name not in SUITES]
+    if cfg.every < 0 or cfg.n < 1:
+        problems.append(f"eval.every={cfg.every} must be >= 0 and eval.n={cfg.n} at least 1")
+    try:
+        Variation.parse([f"{k}={v}" for k, v in cfg.variation.items()])
+    except ValueError as e:
+        problems.append(f"eval.variation: {e}")
+    return problems

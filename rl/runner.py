@@ -132,6 +132,59 @@ def evaluate(
     return score(rollouts, recipe.rewards, reward_workers).metrics()
 
 
+def eval_suites(recipe: Recipe) -> list:
+    """The recipe's `eval.suites` with their held-out prompts (seeds apart from training and from
+    `data.eval_prompts`), built once so that every evaluation of the run answers the same prompts."""
+    if not recipe.eval.suites:
+        return []
+    from .evaluation import Variation, get_suite, prepare_suites
+
+    variation = Variation.parse([f"{k}={v}" for k, v in recipe.eval.variation.items()])
+    return prepare_suites([get_suite(name) for name in recipe.eval.suites], recipe.eval.n, recipe.data.seed + 3, variation)
+
+
+def run_eval_suites(policy: Policy, prepared: list, recipe: Recipe, tracker: RunTracker, step: int,
+                    gather=contextlib.nullcontext) -> dict:
+    """Score `policy` on the prepared suites; log `eval/<suite>/<metric>` (and per group) at `step`.
+
+    Returns {suite: summary} (means with 95% bootstrap intervals, see `vocalign.rl.evaluation.summarise`).
+    """
+    if not prepared:
+        return {}
+    from .evaluation import evaluate_policy, summarise
+
+    with gather():
+        results = evaluate_policy(policy, prepared, recipe.rl.max_new_tokens)
+    summaries = {p.suite.name: summarise(results[p.suite.name], p.suite.metrics) for p in prepared}
+    row: dict[str, float | str] = {"stage": "eval"}
+    for suite, summary in summaries.items():
+        for metric, estimate in summary["metrics"].items():
+            row[f"eval/{suite}/{metric}"] = estimate["mean"]
+        for group, metrics in summary["groups"].items():
+            for metric, estimate in metrics.items():
+                if estimate["n"]:
+                    row[f"eval/{suite}/{group}/{metric}"] = estimate["mean"]
+    tracker.log(row, step=step)
+    return summaries
+
+
+def style_table(summaries: dict) -> dict[str, float] | None:
+    """The style suite's share honoured per requested value, and the neutral share of prompts asking for none."""
+    style = summaries.get("style")
+    if not style:
+        return None
+    table = {}
+    for group, metrics in style["groups"].items():
+        key, metric = ("none (neutral)", "neutral") if group == "none" else (group, "honoured")
+        if metrics[metric]["n"]:
+            table[key] = metrics[metric]["mean"]
+    return table
+
+
+def _show_style(table: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in table.items()) if table else ""
+
+
 _ENDS = {"first 10%": (0.0, 0.1), "last 10%": (0.9, 1.0)}
 
 
@@ -195,6 +248,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         t = time.perf_counter()
         sft_prompts, rl_prompts, held_out, skipped = build_data(recipe)
         say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out ({time.perf_counter() - t:.1f} s)")
+        suites = eval_suites(recipe)
         summary: dict = state.get("summary") or {"parameters": n_params, "skipped_rows": skipped}
         step = state.get("step", 0)
         run = recipe.run
@@ -226,7 +280,11 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                     ro = recipe.rollouts
                     sft_worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
                     summary["sft"] = evaluate(sft_worker, held_out, recipe, reward_workers)
-                    say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}")
+                    summary["sft_suites"] = run_eval_suites(policy, suites, recipe, tracker, step)
+                    if style_table(summary["sft_suites"]):
+                        summary["sft"]["style"] = style_table(summary["sft_suites"])
+                    say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}"
+                        + (f"; style honoured: {_show_style(summary['sft'].get('style'))}" if summary["sft"].get("style") else ""))
                 if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
                     save_checkpoint(policy, run_dir, step, checkpoint_state("sft", i + 1), run.keep_last, run.keep_every, extra=sft.save)
 
@@ -291,8 +349,13 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                     samples, scores = trainer.last_samples
                     tracker.log_audio_table(step, samples, scores.components, scores.total, recipe.logging.audio_samples)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                if recipe.eval.every and (i + 1) % recipe.eval.every == 0 and i + 1 < cfg.steps:
+                    run_eval_suites(policy, suites, recipe, tracker, step, gather=trainer.backend.full_parameters)
                 if i + 1 == cfg.steps:
                     summary["rl"] = _rl_summary(rows, evaluate(worker, held_out, recipe, reward_workers, gather=trainer.backend.full_parameters))
+                    summary["rl_suites"] = run_eval_suites(policy, suites, recipe, tracker, step, gather=trainer.backend.full_parameters)
+                    if style_table(summary["rl_suites"]):
+                        summary["rl"]["style"] = style_table(summary["rl_suites"])
                 if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
                     # prompts whose rollouts are still being generated (async) are generated again after a resume
                     position = cursor.position - (cfg.prompts_per_step if trainer.pending else 0)
@@ -307,9 +370,16 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
                 f"{cfg.algorithm.upper()} reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
                 f"{g['reward/mean last 10%']:.3f} ({components}); greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
             )
+            if g.get("style"):
+                sft_style = summary.get("sft", {}).get("style") or {}
+                say("style honoured on held-out prompts, greedy (after SFT -> after RL): " + ", ".join(
+                    f"{k} {sft_style[k]:.2f} -> {v:.2f}" if k in sft_style else f"{k} {v:.2f}" for k, v in g["style"].items()))
         summary["time_s"] = summary.get("time_s", 0.0) + time.perf_counter() - started
         tracker.summary(summary)
-    say(f"done in {time.perf_counter() - started:.0f} s. Outputs in {run_dir}: config.yaml, metrics.jsonl, summary.json, reward_curve.png, checkpoints/")
+    final_style = (summary.get("rl") or summary.get("sft") or {}).get("style")
+    style = f" Held-out style honoured, greedy: {_show_style(final_style)}." if final_style else ""
+    say(f"done in {time.perf_counter() - started:.0f} s.{style} Outputs in {run_dir}: config.yaml, metrics.jsonl, "
+        "summary.json, reward_curve.png, checkpoints/")
     return run_dir
 
 

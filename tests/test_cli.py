@@ -76,7 +76,7 @@ def test_train_names_the_run_folder_after_the_recipe(
     monkeypatch.chdir(tmp_path)
     overrides = [
         "sft.steps=0", "rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=4",
-        "data.rl_tasks[0].n=4", "data.eval_prompts=2", "logging.wandb=false", "run.progress=false",
+        "data.rl_tasks[0].n=4", "data.eval_prompts=2", "eval.suites=[]", "logging.wandb=false", "run.progress=false",
     ]
     assert main(["train", "demo", *overrides]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -19,7 +19,7 @@ from vocalign.rl.runner import train
 from vocalign.rl.tracking import read_metrics
 
 RUN = [
-    "sft.steps=0", "rl.steps=3", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "rl.prompts_per_step=3",
+    "sft.steps=0", "rl.steps=3", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "eval.suites=[]", "rl.prompts_per_step=3",
     "rl.group_size=4", "rl.max_new_tokens=12", "kl.coef=0.05", "rewards=[{name: correctness, weight: 1.0}]",
     "logging.wandb=false", "logging.audio_every=0", "run.progress=false",
 ]
@@ -60,7 +60,7 @@ def test_tool_use_on_two_ray_workers_trains_as_in_process(tmp_path: Path) -> Non
     results and the answers after them are the in-process run's (the loss masks too, or the
     losses would differ)."""
     tool_run = [
-        "sft.steps=0", "rl.steps=2", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "rl.prompts_per_step=3",
+        "sft.steps=0", "rl.steps=2", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "eval.suites=[]", "rl.prompts_per_step=3",
         "rl.group_size=4", "rl.max_new_tokens=12", "rl.minibatches=1", "logging.wandb=false", "run.progress=false",
     ]
 

@@ -37,7 +37,7 @@ def text_characters(rollouts: list[Rollout]) -> list[float]:
 # depend on is here (and only here).
 TINY_RUN = [
     "sft.steps=1", "data.sft_tasks[0].n=8", "data.sft_tasks[1].n=4", "sft.batch_size=4",
-    "rl.steps=1", "data.rl_tasks[0].n=4", "data.eval_prompts=2",
+    "rl.steps=1", "data.rl_tasks[0].n=4", "data.eval_prompts=2", "eval.suites=[]",
     "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rl.minibatches=1",
     "rl.lr=0.05", "rl.lora.r=4", "rl.lora.alpha=8",
     f"rewards=[{{name: correctness, weight: 1.0}}, {{name: '{__name__}:text_characters', weight: 0.1}}]",

@@ -22,7 +22,7 @@ from vocalign.rl.tracking import read_metrics
 from test_training import TEXT_REWARD  # pytest puts tests/ on sys.path
 
 RUN = [
-    "sft.steps=0", "rl.steps=2", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "rl.prompts_per_step=2",
+    "sft.steps=0", "rl.steps=2", "data.rl_tasks[0].n=16", "data.eval_prompts=4", "eval.suites=[]", "rl.prompts_per_step=2",
     "rl.group_size=4", "rl.max_new_tokens=12", "rl.minibatches=2", "rl.lr=1e-3", "kl.coef=0.05",
     "rl.lora.enabled=false", "rl.backend=deepspeed", "rewards=[{name: correctness, weight: 1.0}]",
     "logging.wandb=false", "logging.audio_every=0", "run.progress=false", "run.save_every=2",

@@ -25,7 +25,7 @@ from vocalign.rl.runner import train
 from vocalign.rl.tracking import read_metrics
 
 RUN = [
-    "sft.steps=2", "rl.steps=2", "data.sft_tasks[0].n=8", "data.rl_tasks[0].n=8", "data.eval_prompts=2",
+    "sft.steps=2", "rl.steps=2", "data.sft_tasks[0].n=8", "data.sft_tasks[1].n=4", "data.sft_tasks[2].n=4", "data.rl_tasks[0].n=8", "data.eval_prompts=2", "eval.suites=[]",
     "sft.batch_size=4", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "kl.coef=0.05",
     "rl.lora.r=4", "rl.lora.alpha=8", "rewards=[{name: correctness, weight: 1.0}]", "model.detokenizer=espeak_units",
     "model.max_audio_seconds=3.5", "logging.wandb=false", "logging.audio_every=0", "run.progress=false", "run.save_every=1",

@@ -31,7 +31,7 @@ def text_characters(rollouts):
 '''
 
 BASE = [
-    "sft.steps=0", f"rl.steps={STEPS}", "data.rl_tasks[0].n=32", "data.eval_prompts=4",
+    "sft.steps=0", f"rl.steps={STEPS}", "data.rl_tasks[0].n=32", "data.eval_prompts=4", "eval.suites=[]",
     "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rl.minibatches=2", "rl.lr=1e-2",
     "rewards=[{name: 'resume_reward:text_characters', weight: 0.1}, {name: correctness, weight: 1.0}]",
     "run.save_every=1", "run.keep_last=2", "run.progress=false", "logging.audio_every=0",

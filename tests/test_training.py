@@ -36,7 +36,8 @@ SFT_STEPS, GRPO_STEPS = 3, 3
 # The demo recipe, cut down; values the tests check are stated here, not taken from the demo.
 TINY_RUN = [
     f"sft.steps={SFT_STEPS}", f"rl.steps={GRPO_STEPS}",
-    "data.sft_tasks[0].n=32", "data.rl_tasks[0].n=32", "data.eval_prompts=8",
+    "data.sft_tasks[0].n=32", "data.sft_tasks[1].n=8", "data.sft_tasks[2].n=8", "data.rl_tasks[0].n=32",
+    "data.eval_prompts=8", "eval.n=7",
     "sft.batch_size=16", "sft.lr=1e-3", "sft.warmup_steps=50",
     "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "kl.coef=0.02",
     "rl.minibatches=1", "rl.temperature=1.0",
@@ -100,6 +101,11 @@ def test_config_yaml_is_the_resolved_recipe(run_dir: Path, recipe: Recipe) -> No
 
 
 def test_metrics_have_one_row_per_step(metrics: list[dict]) -> None:
+    evaluations = [row for row in metrics if row["stage"] == "eval"]
+    # the recipe's eval suites (style) after each stage, logged at the stage's last step
+    assert [row["step"] for row in evaluations] == [SFT_STEPS, SFT_STEPS + GRPO_STEPS]
+    assert all("eval/style/honoured" in row for row in evaluations)
+    metrics = [row for row in metrics if row["stage"] != "eval"]
     assert [row["step"] for row in metrics] == list(range(1, SFT_STEPS + GRPO_STEPS + 1))
     assert [row["stage"] for row in metrics] == ["sft"] * SFT_STEPS + ["rl"] * GRPO_STEPS
     for row in metrics[:SFT_STEPS]:
@@ -109,7 +115,7 @@ def test_metrics_have_one_row_per_step(metrics: list[dict]) -> None:
 
 
 def test_grpo_rows(metrics: list[dict]) -> None:
-    grpo = metrics[SFT_STEPS:]
+    grpo = [row for row in metrics if row["stage"] == "rl"]
     required = {"stage", "step", "reward/mean", "reward/correctness", f"reward/{TEXT_REWARD}", "kl", "loss",
                 "grad_norm", "clip_frac", "entropy", "approx_kl", "response/tokens", "response/text_tokens",
                 "response/audio_tokens", "response/speech_s", "time/rollout_s", "time/reward_s", "time/update_s",
@@ -194,25 +200,32 @@ def test_sft_changed_every_trainable_weight(run_dir: Path, recipe: Recipe) -> No
 
 def test_summary(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary.keys() == {"parameters", "skipped_rows", "sft", "rl", "time_s"}
+    assert summary.keys() == {"parameters", "skipped_rows", "sft", "rl", "time_s", "sft_suites", "rl_suites"}
     assert summary["parameters"] == sum(p.numel() for p in embedded_policy(0).model.parameters())
     assert summary["skipped_rows"] == {}
     assert {"reward/mean", "reward/correctness"} <= summary["sft"].keys()
     # the total and each reward component, at both ends of the stage
     assert summary["rl"].keys() == {
         f"reward/{name} {end}" for name in ("mean", "correctness", TEXT_REWARD) for end in ("first 10%", "last 10%")
-    } | {"eval"}
+    } | {"eval", "style"}
     assert {"reward/mean", "reward/correctness"} <= summary["rl"]["eval"].keys()
     assert summary["time_s"] > 0
+    # the style suite after each stage: a share honoured per requested value, with its interval in *_suites
+    for stage in ("sft", "rl"):
+        table = summary[stage]["style"]
+        assert table and set(table) <= {"slow", "fast", "low", "high", "soft", "loud", "none (neutral)"}
+        assert all(0.0 <= v <= 1.0 for v in table.values())
+        style = summary[f"{stage}_suites"]["style"]
+        assert style["n"] == 7 and {"honoured", "neutral"} == set(style["metrics"])
 
 
 def test_summary_reward_means_come_from_the_first_and_last_steps(run_dir: Path, metrics: list[dict]) -> None:
     grpo = json.loads((run_dir / "summary.json").read_text())["rl"]
-    rewards = [row["reward/mean"] for row in metrics[SFT_STEPS:]]
+    rewards = [row["reward/mean"] for row in metrics if row["stage"] == "rl"]
     # 10% of 3 steps rounds to none; each end is then its single step
     assert grpo["reward/mean first 10%"] == pytest.approx(rewards[0])
     assert grpo["reward/mean last 10%"] == pytest.approx(rewards[-1])
-    lengths = [row[f"reward/{TEXT_REWARD}"] for row in metrics[SFT_STEPS:]]
+    lengths = [row[f"reward/{TEXT_REWARD}"] for row in metrics if row["stage"] == "rl"]
     assert grpo[f"reward/{TEXT_REWARD} first 10%"] == pytest.approx(lengths[0])
     assert grpo[f"reward/{TEXT_REWARD} last 10%"] == pytest.approx(lengths[-1])
 
