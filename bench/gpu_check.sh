@@ -41,17 +41,20 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, record its status, time 
   local secs=$(python3 -c "import time; print(round(time.time() - $start, 1))")
   echo "== $name: exit $rc in ${secs} s"
   tail -n 3 "$RUNS/$name.log"
-  steps+=("$(python3 -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "rc": int(sys.argv[2]), "seconds": float(sys.argv[3]), "tail": open(sys.argv[4], errors="replace").read()[-3000:]}))' "$name" "$rc" "$secs" "$RUNS/$name.log")")
+  local row
+  row=$(python3 -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "rc": int(sys.argv[2]), "seconds": float(sys.argv[3]), "tail": open(sys.argv[4], errors="replace").read()[-3000:]}))' "$name" "$rc" "$secs" "$RUNS/$name.log")
+  steps+=("$row")
+  echo "$row" >> "$OUT/steps.jsonl"  # kept even if a later step runs out of time
 }
 
 CUT="sft.steps=200 rl.steps=12 run.save_every=6 logging.wandb=false run.progress=false eval.n=70 model.device=cuda"
-step gpu_tests 240 python3 -m pytest -q -x tests/test_devices.py -k cuda
-step train_lora 300 $VOCALIGN train demo $CUT run.output_dir=$RUNS/lora
-step resume_lora 180 $VOCALIGN train demo $CUT rl.steps=18 run.output_dir=$RUNS/lora run.resume=true
-step train_full 240 $VOCALIGN train demo sft.steps=0 rl.steps=6 rl.lora.enabled=false run.save_every=3 logging.wandb=false \
+step gpu_tests 150 python3 -m pytest -q -x tests/test_devices.py -k cuda
+step train_lora 240 $VOCALIGN train demo $CUT run.output_dir=$RUNS/lora
+step resume_lora 120 $VOCALIGN train demo $CUT rl.steps=18 run.output_dir=$RUNS/lora run.resume=true
+step train_full 150 $VOCALIGN train demo sft.steps=0 rl.steps=6 rl.lora.enabled=false run.save_every=3 logging.wandb=false \
   run.progress=false eval.n=70 model.device=cuda model.path=$RUNS/lora/checkpoints/base run.output_dir=$RUNS/full
-step eval 240 $VOCALIGN eval sft=$RUNS/lora/checkpoints/base rl=$RUNS/lora --n 100 --out $RUNS/eval --force
-step bench_engine 300 python3 bench/bench_engine.py --device cuda --preset 0.5b --dtype bfloat16 --prompts 16 --group 8 --new-tokens 256 --repeats 2
+step eval 120 $VOCALIGN eval sft=$RUNS/lora/checkpoints/base rl=$RUNS/lora --n 100 --out $RUNS/eval --force
+step bench_engine 180 python3 bench/bench_engine.py --device cuda --preset 0.5b --dtype bfloat16 --prompts 16 --group 8 --new-tokens 256 --repeats 2
 
 python3 - "$OUT" "$RUNS" "${steps[@]}" <<'EOF'
 import json, subprocess, sys
