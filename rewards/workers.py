@@ -127,6 +127,8 @@ class RewardWorkers:
         return ray.get([actor.pid.remote() for actor in self.actors(spec)])
 
     def close(self) -> None:
+        if not self._actors:  # nothing started: Ray need not even be installed
+            return
         import ray
 
         for replicas in self._actors.values():
