@@ -14,7 +14,7 @@
 #      from the SFT model; speech is rendered by espeak-ng on the machine's CPUs;
 #   3. `vocalign eval` of that run's SFT and final models, every suite;
 #   4. the fast decoder and training forward against transformers (bench/bench_engine.py)
-#      at Qwen2-0.5B's shapes in bf16.
+#      at Qwen2-0.5B's shapes in bf16 (skipped where transformers is older than 5.24).
 # Every step's exit status, wall time and output tail go to OUT_DIR/gpu_check.json, with
 # the runs' summary.json and eval.json.
 set -uo pipefail
@@ -26,7 +26,7 @@ if [ -n "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/vocalign . || exit 1
+rm -rf /tmp/vocalign && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/vocalign . || exit 1
 export PYTHONPATH=/tmp/vocalign:$PYTHONPATH
 VOCALIGN="python3 -m vocalign.rl.cli"
 RUNS=/tmp/gpu_runs
@@ -54,7 +54,13 @@ step resume_lora 120 $VOCALIGN train demo $CUT rl.steps=18 run.output_dir=$RUNS/
 step train_full 150 $VOCALIGN train demo sft.steps=0 rl.steps=6 rl.lora.enabled=false run.save_every=3 logging.wandb=false \
   run.progress=false eval.n=70 model.device=cuda model.path=$RUNS/lora/checkpoints/base run.output_dir=$RUNS/full
 step eval 120 $VOCALIGN eval sft=$RUNS/lora/checkpoints/base rl=$RUNS/lora --n 100 --out $RUNS/eval --force
-step bench_engine 180 python3 bench/bench_engine.py --device cuda --preset 0.5b --dtype bfloat16 --prompts 16 --group 8 --new-tokens 256 --repeats 2
+# the transformers path of the benchmark needs the transformers vocalign requires (>= 5.24: the
+# `cache` keyword); an older one on the machine skips the step rather than failing it
+if python3 -c "import sys, transformers; sys.exit(tuple(map(int, transformers.__version__.split('.')[:2])) < (5, 24))"; then
+  step bench_engine 180 python3 bench/bench_engine.py --device cuda --preset 0.5b --dtype bfloat16 --prompts 16 --group 8 --new-tokens 256 --repeats 2
+else
+  echo "== bench_engine: skipped, transformers $(python3 -c 'import transformers; print(transformers.__version__)') < 5.24"
+fi
 
 python3 - "$OUT" "$RUNS" "${steps[@]}" <<'EOF'
 import json, subprocess, sys
