@@ -123,13 +123,7 @@ def _plots(report: Report, out: Path) -> list[Path]:
         x = np.arange(len(names)) + (k - (len(report.targets) - 1) / 2) * width
         _bars(ax, x, est, width, t)
     ax.set_xticks(np.arange(len(names)), [f"{suite}\n{m}" for suite, m in names], fontsize=8)
-    ax.set_ylabel("mean over prompts (95% CI)")
-    ax.set_title(f"vocalign eval ({report.variation})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "overview.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "overview.png")
+    written.append(_save(fig, ax, out / "overview.png", "mean over prompts (95% CI)", f"vocalign eval ({report.variation})"))
 
     style = report.suites.get("style")
     if style:
@@ -146,13 +140,8 @@ def _plots(report: Report, out: Path) -> list[Path]:
         ax.set_xticks(np.arange(len(groups)), [g if g != "none" else "none\n(all neutral)" for g in groups])
         ax.set_ylim(0, 1.05)
         ax.axhline(0.8, color="grey", lw=0.8, ls="--")
-        ax.set_ylabel("share honoured (95% CI)")
-        ax.set_title(f"requested speaking style, greedy ({report.variation})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "style.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "style.png")
+        written.append(_save(fig, ax, out / "style.png", "share honoured (95% CI)",
+                             f"requested speaking style, greedy ({report.variation})"))
 
     continuous = [(suite, m) for suite, s in report.suites.items() for m in s["metrics"]
                   if any(v is not None and v not in (0.0, 1.0) for res in report.samples.values()
@@ -172,6 +161,18 @@ def _plots(report: Report, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / "distributions.png")
     return written
+
+
+def _save(fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _bars(ax, x, estimates, width, label) -> None:
