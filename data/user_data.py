@@ -41,6 +41,7 @@ Example row (JSON lines):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +83,25 @@ def load_prompts(
     sample_rate: int = 16000,
     on_bad_row: str = "raise",
     task: str = "custom",
+    max_seconds: float | None = None,
 ) -> LoadedPrompts:
     """Load the prompts in `path` (see the module docstring for the row schema).
 
     split: for a DatasetDict folder, which split (may be left out when there is only
     one); a single file or Dataset folder has one split, so leave it out or say "train".
     on_bad_row: "raise" stops at the first bad row with a BadRowError; "skip" leaves
-    bad rows out and counts them.
+    bad rows out and counts them. `max_seconds`: a longer audio clip is a bad row (the
+    model's encoder cannot take it).
     """
     path = Path(path)
-    dataset, base_dir = _open_dataset(path, split)
-    return prompts_from_dataset(dataset, path, base_dir, sample_rate=sample_rate, on_bad_row=on_bad_row, task=task)
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row={on_bad_row!r} is not known; use one of {', '.join(map(repr, ON_BAD_ROW))}")
+    dataset = open_dataset(path, split, on_bad_row)
+    loaded = prompts_from_dataset(dataset.data, path, dataset.base_dir, sample_rate=sample_rate, on_bad_row=on_bad_row,
+                                  task=task, max_seconds=max_seconds)
+    loaded.skipped += len(dataset.bad_lines)
+    loaded.skipped_reasons[:0] = dataset.bad_lines
+    return loaded
 
 
 def prompts_from_dataset(
@@ -103,6 +112,7 @@ def prompts_from_dataset(
     sample_rate: int = 16000,
     on_bad_row: str = "raise",
     task: str = "custom",
+    max_seconds: float | None = None,
 ) -> LoadedPrompts:
     """The prompts of a `datasets.Dataset` whose rows follow the row schema.
 
@@ -129,7 +139,7 @@ def prompts_from_dataset(
             index = start + offset
             row = {k: _decode_json(features[k], v) for k, v in raw.items()}
             try:
-                prompt = _row_to_prompt(row, index, path, base_dir, sample_rate, task, seen_ids)
+                prompt = _row_to_prompt(row, index, path, base_dir, sample_rate, task, seen_ids, max_seconds)
             except BadRowError as e:
                 if on_bad_row == "raise":
                     raise
@@ -139,6 +149,67 @@ def prompts_from_dataset(
             seen_ids[prompt.id] = index
             loaded.prompts.append(prompt)
     return loaded
+
+
+@dataclass
+class OpenedData:
+    """A dataset read from disk: its rows, the folder relative audio paths start from, and the
+    JSON lines skipped (under on_bad_row="skip") because they were not UTF-8 JSON objects."""
+
+    data: datasets.Dataset
+    base_dir: Path
+    bad_lines: list[str] = field(default_factory=list)
+
+
+def open_dataset(path: Path, split: str | None = None, on_bad_row: str = "raise") -> OpenedData:
+    """The `datasets.Dataset` at `path` (see `load_prompts`), JSON lines checked line by line first."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json") and not _starts_with_bracket(path):
+        good, bad = _checked_json_lines(path, on_bad_row)
+        if bad:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                clean = Path(tmp) / path.name
+                clean.write_bytes(b"\n".join(good) + b"\n")
+                if not good:
+                    raise ValueError(f"data file {str(path)!r} has no readable row: {bad[0]}")
+                dataset, _ = _open_dataset(clean, split)  # datasets keeps its own Arrow copy of the rows
+                return OpenedData(dataset, path.parent, bad)
+    dataset, base_dir = _open_dataset(path, split)
+    return OpenedData(dataset, base_dir)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _checked_json_lines(path: Path, on_bad_row: str) -> tuple[list[bytes], list[str]]:
+    """The lines of a JSON lines file that are UTF-8 JSON objects, and a reason per other line.
+
+    Under on_bad_row="raise" the first bad line raises a BadRowError naming the file and line.
+    """
+    good, bad = [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"line {number} of {str(path)!r}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(row, dict) else f"{where} is JSON but not an object ({{...}}): one row per line"
+        except UnicodeDecodeError as e:
+            problem = (f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                       f"save the file as UTF-8")
+        except json.JSONDecodeError as e:
+            problem = f"{where} is not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+        if problem is None:
+            good.append(raw)
+        elif on_bad_row == "raise":
+            raise BadRowError(problem + " (or set data.on_bad_row=skip to leave bad lines out)")
+        else:
+            bad.append(problem)
+    return good, bad
 
 
 def _open_dataset(path: Path, split: str | None) -> tuple[datasets.Dataset, Path]:
@@ -213,6 +284,7 @@ def _row_to_prompt(
     sample_rate: int,
     default_task: str,
     seen_ids: dict[str, int],
+    max_seconds: float | None = None,
 ) -> Prompt:
     row = {k: _drop_nulls(v) for k, v in row.items() if v is not None}
     row_id = str(row.get("id", index))
@@ -226,9 +298,14 @@ def _row_to_prompt(
 
     def audio_of(source: Any, what: str) -> Audio:
         try:
-            return load_audio(source, sample_rate, where=f"{where}, {what}", base_dir=base_dir)
+            audio = load_audio(source, sample_rate, where=f"{where}, {what}", base_dir=base_dir)
         except BadAudioError as e:
             raise BadRowError(str(e)) from e
+        if max_seconds is not None and audio.seconds > max_seconds:
+            raise bad(f"{what} lasts {audio.seconds:.2f} s, longer than the {max_seconds:.2f} s the model's audio encoder "
+                      f"takes (model.max_audio_seconds for the embedded model); cut the clip, drop the row, or set "
+                      f"data.on_bad_row=skip")
+        return audio
 
     messages: list[Message] = []
     system = row.get("system")

@@ -82,7 +82,9 @@ def get_reward(name: str) -> RewardFn:
         hint += f"to import a function, write 'package.module:function' (e.g. '{name.rpartition('.')[0]}:"
         hint += f"{name.rpartition('.')[2]}'); "
     raise ValueError(
-        f"reward {name!r} is not registered; {hint}registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}"
+        f"reward {name!r} is not registered; {hint}registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}. "
+        f"A reward decorated with @reward({name!r}) in your own module registers only once that module is "
+        f"imported: name it as 'your_module:function' (the module beside your recipe, or importable)"
     )
 
 

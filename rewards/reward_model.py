@@ -94,6 +94,19 @@ class TrainedRewardModel:
 # --- the text a score is computed from -------------------------------------------------
 
 
+def reward_param_problems(name: str, params: dict) -> list[str]:
+    """Files a recipe's reward params name that are not there (checked before a run starts):
+    the `reward_model` reward's `path`, the paralinguistic classifier's local `classifier_path`."""
+    problems = []
+    if name == "reward_model" and params.get("path") is not None and not Path(str(params["path"])).is_dir():
+        problems.append(f"reward reward_model: path={params['path']} is not a folder; give the reward model a run saved "
+                        f"(RUN/reward_model, from a `kind: reward_model` recipe)")
+    classifier = params.get("classifier_path") if name == "paralinguistic" else None
+    if classifier and str(classifier).startswith((".", "/", "~")) and not Path(str(classifier)).expanduser().exists():
+        problems.append(f"reward paralinguistic: classifier_path={classifier} does not exist")
+    return problems
+
+
 def reward_model_text(question: str, response: str) -> str:
     """The question as a human turn and the response as the assistant's, ended by <|EOT|>."""
     return f"{reward_model_prompt(question)}{response}{chat.EOT}"

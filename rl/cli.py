@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
         check_recipe(recipe)
     except ValueError as e:
         raise UsageError(f"{path}: {e}") from None
-    train(recipe, path.stem)
+    train(recipe, path.stem, force=args.force)
     return 0
 
 
@@ -102,10 +102,13 @@ def parser() -> argparse.ArgumentParser:
         prog="vocalign",
         description="RL post-training for speech language models (Step-Audio 2 style).",
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one-line message")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a recipe: vocalign train RECIPE [key=value ...]")
     t.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (see `vocalign recipes`)")
     t.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value, e.g. rl.steps=20 logging.wandb=false")
+    t.add_argument("--force", action="store_true",
+                   help="replace the files of a previous run in run.output_dir (otherwise such a folder is refused)")
     t.set_defaults(fn=_train)
     e = sub.add_parser(
         "export",
@@ -147,17 +150,33 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line
+    p = parser()
+    args, extra = p.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if extra:  # overrides after an option (`train demo --force rl.steps=3`) are overrides too
+        if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     # Rewards named `module:function` may live next to the recipe, as with `python -m`.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from .recipe import RecipeError
-
     try:
         return args.fn(args)
-    except (RecipeError, FileNotFoundError, UsageError) as e:
-        print(f"vocalign: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = str(e) if isinstance(e, ValueError) or not getattr(e, "filename", None) else f"{e.strerror}: {e.filename}"
+        print(f"vocalign: {message}", file=sys.stderr)
         return 2
+
+
+# What bad input raises: bad recipe values, data rows, folders and checkpoints (ValueError and
+# its kinds: RecipeError, BadRowError, CheckpointError, RunFolderError, UnicodeDecodeError ...)
+# and missing files. They are reported in one line with exit status 2; --debug shows the traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 if __name__ == "__main__":

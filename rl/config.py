@@ -254,6 +254,7 @@ def check_recipe(recipe: Recipe) -> None:
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
     problems += _eval_problems(recipe.eval)
+    problems += _value_problems(recipe)
     if recipe.kind == "reward_model":
         problems += reward_model_problems(recipe.reward_model)
     if problems:
@@ -271,4 +272,81 @@ def _eval_problems(cfg: EvalConfig) -> list[str]:
         Variation.parse([f"{k}={v}" for k, v in cfg.variation.items()])
     except ValueError as e:
         problems.append(f"eval.variation: {e}")
+    return problems
+
+
+def _value_problems(recipe: Recipe) -> list[str]:
+    """Ranges of numbers, and the files and folders a recipe names: all checked before anything runs."""
+    import math
+    from pathlib import Path
+
+    sft, rl, loss, kl = recipe.sft, recipe.rl, recipe.loss, recipe.kl
+    problems = []
+
+    def need(ok: bool, key: str, value: object, what: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value} {what}")
+
+    for key, value in (("sft.steps", sft.steps), ("rl.steps", rl.steps), ("sft.warmup_steps", sft.warmup_steps),
+                       ("rl.warmup_steps", rl.warmup_steps), ("data.eval_prompts", recipe.data.eval_prompts)):
+        need(value >= 0, key, value, "must be >= 0")
+    if recipe.kind == "policy" and sft.steps == 0 and rl.steps == 0 and sft.steps >= 0 and rl.steps >= 0:
+        problems.append("sft.steps=0 and rl.steps=0: there is nothing to train; set one of them above 0")
+    lrs = [("sft.lr", sft.lr), ("rl.lr", rl.lr)] + ([("rl.critic.lr", rl.critic.lr)] if rl.algorithm == "ppo" else [])
+    for key, value in lrs:
+        need(math.isfinite(value) and value > 0, key, value, "must be a positive learning rate, e.g. 1e-3")
+    for key, value in (("sft.grad_clip", sft.grad_clip), ("rl.grad_clip", rl.grad_clip), ("kl.max", kl.max)):
+        need(value > 0, key, value, "must be > 0")
+    need(rl.temperature > 0, "rl.temperature", rl.temperature, "must be > 0 for sampling; use e.g. 0.01 for near-greedy")
+    need(0 < rl.top_p <= 1, "rl.top_p", rl.top_p, "must be in (0, 1]")
+    need(rl.max_new_tokens >= 1, "rl.max_new_tokens", rl.max_new_tokens, "must be at least 1")
+    need(loss.audio_token_weight >= 0, "loss.audio_token_weight", loss.audio_token_weight, "must be >= 0")
+    if loss.ratio_max is not None:
+        need(loss.ratio_max > 1 + loss.clip_high, "loss.ratio_max", loss.ratio_max,
+             f"must exceed 1 + loss.clip_high = {1 + loss.clip_high} (it caps ratios above the clip)")
+    need(0 <= rl.critic.value_clip, "rl.critic.value_clip", rl.critic.value_clip, "must be >= 0 (0: no clipping)")
+    need(0 <= rl.critic.gamma <= 1 and 0 <= rl.critic.lam <= 1, "rl.critic.gamma/lam", (rl.critic.gamma, rl.critic.lam),
+         "must be in [0, 1]")
+    need(recipe.model.max_audio_seconds > 0, "model.max_audio_seconds", recipe.model.max_audio_seconds, "must be > 0")
+    for key, value in (("model.path", recipe.model.path), ("data.train_file", recipe.data.train_file),
+                       ("data.sft_file", recipe.data.sft_file)):
+        if value and not Path(value).exists():
+            problems.append(f"{key}={value} does not exist; check the path (relative paths start from {Path.cwd()})")
+    for i, task in enumerate(recipe.data.sft_tasks + recipe.data.rl_tasks):
+        need(task.n >= 0, f"data task {task.name}.n", task.n, "must be >= 0")
+    problems += _tool_problems(recipe.rollouts)
+    from vocalign.rewards.reward_model import reward_param_problems
+
+    for spec in recipe.rewards:
+        problems += reward_param_problems(spec.name, spec.params)
+    return problems
+
+
+def _tool_problems(ro: RolloutConfig) -> list[str]:
+    """Every enabled tool is known, and every option set for a tool is one it takes."""
+    from vocalign.rollouts.tools import get_tool
+
+    problems = []
+    for name in ro.tools:
+        try:
+            get_tool(name)
+        except ValueError as e:
+            problems.append(f"rollouts.tools: {e}")
+    for name, options in ro.tool_options.items():
+        if name not in ro.tools:
+            problems.append(f"rollouts.tool_options.{name} is set, but {name} is not in rollouts.tools {list(ro.tools)}; "
+                            f"enable it or remove its options")
+            continue
+        try:
+            tool = get_tool(name)
+        except ValueError:
+            continue
+        import difflib
+
+        for key in options:
+            if key not in tool.options:
+                close = difflib.get_close_matches(key, tool.options, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"rollouts.tool_options.{name}.{key} is not an option of {name}{hint}; "
+                                f"it takes {list(tool.options) or 'none'}")
     return problems

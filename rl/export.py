@@ -30,7 +30,7 @@ import yaml
 from vocalign.model.loading import save_policy
 from vocalign.model.policy import Policy
 
-from .checkpoint import STATE_NAME, load_checkpoint
+from .checkpoint import STATE_NAME, CheckpointError, load_checkpoint, verified
 from .recipe import redact_secrets
 
 CARD_NAME = "README.md"
@@ -101,8 +101,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = 
     replaced only once the new one is complete.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    state = checkpoint_state(checkpoint)
+    checkpoint_state(checkpoint)
     _check_out(out, checkpoint, force)
+    # a checkpoint damaged after its save falls back to the newest intact one before it (with a warning)
+    try:
+        checkpoint = verified(checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    state = checkpoint_state(checkpoint)
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers method deprecated in 5.x; nothing a user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -20,18 +20,35 @@ from vocalign.rewards.reward_model import load_reward_model, pairwise_accuracy, 
 
 from .config import Recipe, check_recipe
 from .recipe import to_dict
+from .run_folder import RunFolderError, claim, mark_failed
 from .runner import run_folder, seed_everything
-from .tracking import RunTracker
+from .tracking import RunTracker, read_metrics
 
 MODEL_FOLDER = "reward_model"
 
 
-def train_reward_model_job(recipe: Recipe, recipe_name: str) -> Path:
-    """Train the recipe's reward model, save it in the run folder and report held-out accuracy; returns the run folder."""
+def train_reward_model_job(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
+    """Train the recipe's reward model, save it in the run folder and report held-out accuracy; returns the run folder.
+
+    An existing run in the folder is refused unless `force` (see `vocalign.rl.run_folder`);
+    a reward-model run has no checkpoints, so it cannot resume."""
     check_recipe(recipe)
     seed_everything(recipe.run.seed)
-    cfg = recipe.reward_model
     run_dir = run_folder(recipe, recipe_name)
+    if recipe.run.resume:
+        raise RunFolderError("run.resume=true: a reward-model run saves no checkpoints to continue from; run it again "
+                             "in a new run.output_dir (or add --force to replace the old one)")
+    existed = run_dir.exists()
+    claim(run_dir, False, force)
+    try:
+        return _train_reward_model(recipe, run_dir)
+    except BaseException as error:
+        mark_failed(run_dir, existed, bool((run_dir / "metrics.jsonl").exists() and read_metrics(run_dir / "metrics.jsonl")), error)
+        raise
+
+
+def _train_reward_model(recipe: Recipe, run_dir: Path) -> Path:
+    cfg = recipe.reward_model
     started = time.perf_counter()
     with RunTracker(run_dir, to_dict(recipe), recipe.logging) as tracker:
         say = tqdm.write

@@ -35,10 +35,11 @@ from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.worker import RolloutWorker
 
-from .checkpoint import ADAPTER_NAME, latest_checkpoint, read_state, restore_rng, save_base, save_checkpoint
+from .checkpoint import ADAPTER_NAME, read_state, restore_rng, save_base, save_checkpoint
 from .config import Recipe, TaskSpec, check_recipe
 from .critic import ValueModel
 from .recipe import to_dict
+from .run_folder import claim, mark_failed
 from .sft import SFTTrainer
 from .tracking import RunTracker, read_metrics, reward_components
 from .trainer import PromptCursor, RLTrainer
@@ -97,20 +98,55 @@ def synthetic_prompts(tasks: list[TaskSpec], seed: int) -> list[Prompt]:
     return prompts
 
 
-def build_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt], list[Prompt], dict[str, int]]:
-    """SFT prompts, RL prompts and held-out evaluation prompts (different seeds: no overlap)."""
+def audio_limit(policy: Policy) -> float | None:
+    """The longest clip, in seconds, the policy's audio encoder takes (None: it has no such limit)."""
+    limit = getattr(policy.model, "max_audio_seconds", None)
+    if limit is None:
+        limit = getattr(getattr(policy.model, "config", None), "max_audio_seconds", None)
+    return float(limit) if limit is not None else None
+
+
+def held_out_count(rows: int, eval_prompts: int) -> int:
+    """How many of a training file's first rows are held out for evaluation: data.eval_prompts, but
+    at most a tenth of the file (at least one row when it has two or more)."""
+    return min(eval_prompts, max(1, rows // 10)) if rows >= 2 else 0
+
+
+def _load_user_file(key: str, path: str, recipe: Recipe, max_seconds: float | None, say) -> tuple[list[Prompt], int]:
+    """The prompts of a recipe's data file; each skipped row is reported on the console."""
+    loaded = load_prompts(path, on_bad_row=recipe.data.on_bad_row, max_seconds=max_seconds)
+    for reason in loaded.skipped_reasons[:10]:
+        say(f"data.{key}: skipped {reason}")
+    if loaded.skipped > 10:
+        say(f"data.{key}: ... and {loaded.skipped - 10} more rows skipped (summary.json lists the count)")
+    return loaded.prompts, loaded.skipped
+
+
+def build_data(recipe: Recipe, max_seconds: float | None = None, say=print) -> tuple[list[Prompt], list[Prompt], list[Prompt], dict[str, int]]:
+    """SFT prompts, RL prompts and held-out evaluation prompts (different seeds: no overlap).
+
+    Rows of your own files are checked as they load (audio longer than `max_seconds` is a
+    bad row); SFT rows need a reference `response`.
+    """
     d, skipped = recipe.data, {}
     sft = synthetic_prompts(d.sft_tasks, d.seed) if recipe.sft.steps > 0 else []
     if d.sft_file and recipe.sft.steps > 0:
-        loaded = load_prompts(d.sft_file, on_bad_row=d.on_bad_row)
-        sft += loaded.prompts
-        skipped["sft_file"] = loaded.skipped
+        rows, skipped["sft_file"] = _load_user_file("sft_file", d.sft_file, recipe, max_seconds, say)
+        missing = [p.id for p in rows if p.target is None]
+        if missing:
+            raise ValueError(f"data.sft_file {d.sft_file}: rows {missing[:5]} have no `response`; SFT learns to answer "
+                             f"with it: add a response to every row, or give these rows as data.train_file (RL) instead")
+        sft += rows
     if d.train_file:
-        loaded = load_prompts(d.train_file, on_bad_row=d.on_bad_row)
-        rl, skipped["train_file"] = loaded.prompts, loaded.skipped
-        if len(rl) <= d.eval_prompts:
-            raise ValueError(f"data.train_file {d.train_file} has {len(rl)} usable rows; it needs more than data.eval_prompts={d.eval_prompts}")
-        rl, held_out = rl[d.eval_prompts :], rl[: d.eval_prompts]
+        rl, skipped["train_file"] = _load_user_file("train_file", d.train_file, recipe, max_seconds, say)
+        if len(rl) < 2:
+            raise ValueError(f"data.train_file {d.train_file} has {len(rl)} usable rows; it needs at least 2 (one to "
+                             f"train on, one held out for evaluation)")
+        n_held = held_out_count(len(rl), d.eval_prompts)
+        if n_held < d.eval_prompts:
+            say(f"data.train_file: holding out its first {n_held} of {len(rl)} rows for evaluation (a tenth of the file; "
+                f"data.eval_prompts={d.eval_prompts} asks for more); the other {len(rl) - n_held} train")
+        rl, held_out = rl[n_held:], rl[:n_held]
     else:
         rl = synthetic_prompts(d.rl_tasks, d.seed + 1)
         held_out = synthetic_prompts([TaskSpec(t.name, d.eval_prompts, t.params) for t in d.rl_tasks[:1]], d.seed + 2)
@@ -195,40 +231,43 @@ def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _prepare_folder(recipe: Recipe, run_dir: Path) -> tuple[Path | None, dict]:
-    """The checkpoint to resume from (None: start afresh) and its state; refuses to mix runs."""
-    if recipe.run.resume:
-        if not recipe.run.output_dir:
-            raise ValueError("run.resume=true needs run.output_dir=DIR: the folder of the run to continue")
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            tqdm.write(f"run.resume=true: {run_dir} has no checkpoint yet; starting from the beginning")
-            return None, {}
-        state = read_state(latest)
-        # metrics logged after the checkpoint belong to steps that run again
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return latest, state
-    if latest_checkpoint(run_dir) is not None:
-        raise ValueError(
-            f"run.output_dir={run_dir} already holds checkpoints of a run; pass run.resume=true to continue it, "
-            "or choose another run.output_dir"
-        )
-    return None, {}
+def _resume_state(run_dir: Path, checkpoint: Path | None) -> dict:
+    """The state to continue from; metrics logged after the checkpoint belong to steps that run again."""
+    if checkpoint is None:
+        return {}
+    state = read_state(checkpoint)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return state
 
 
-def train(recipe: Recipe, recipe_name: str) -> Path:
-    """Run a recipe end to end; returns the run folder."""
+def train(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
+    """Run a recipe end to end; returns the run folder.
+
+    The run folder is checked first (see `vocalign.rl.run_folder`): `force` replaces a
+    previous run's files there. A run that fails leaves the folder as that module says.
+    """
     if recipe.kind == "reward_model":
         from .reward_model_job import train_reward_model_job  # it imports this module
 
-        return train_reward_model_job(recipe, recipe_name)
+        return train_reward_model_job(recipe, recipe_name, force)
     check_recipe(recipe)
     seed_everything(recipe.run.seed)
     run_dir = run_folder(recipe, recipe_name)
-    resume_from, state = _prepare_folder(recipe, run_dir)
+    existed = run_dir.exists()
+    resume_from = claim(run_dir, recipe.run.resume, force)
+    state = _resume_state(run_dir, resume_from)
+    try:
+        return _train(recipe, run_dir, resume_from, state)
+    except BaseException as error:
+        trained = (run_dir / "metrics.jsonl").exists() and bool(read_metrics(run_dir / "metrics.jsonl"))
+        mark_failed(run_dir, existed, trained or resume_from is not None, error)
+        raise
+
+
+def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -> Path:
     started = time.perf_counter()
     say = tqdm.write
     if recipe.rollouts.num_workers > 0 or recipe.ray.address:
@@ -238,6 +277,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
     with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
         say(f"run folder: {run_dir}")
+        say(tracker.wandb_status())
         if resume_from:
             say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
         policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer) if recipe.model.path
@@ -246,7 +286,7 @@ def train(recipe: Recipe, recipe_name: str) -> Path:
         n_params = sum(p.numel() for p in policy.model.parameters())
         say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, {n_params / 1e6:.2f}M parameters, on {policy.device}")
         t = time.perf_counter()
-        sft_prompts, rl_prompts, held_out, skipped = build_data(recipe)
+        sft_prompts, rl_prompts, held_out, skipped = build_data(recipe, audio_limit(policy), say)
         say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out ({time.perf_counter() - t:.1f} s)")
         suites = eval_suites(recipe)
         summary: dict = state.get("summary") or {"parameters": n_params, "skipped_rows": skipped}

@@ -199,6 +199,15 @@ class RunTracker:
         where = run.url if self.wandb_mode == "online" else self.wandb_dir
         logger.info("W&B run %s (%s): %s", run.id, self.wandb_mode, where)
 
+    def wandb_status(self) -> str:
+        """One line for the console: where this run's W&B record goes."""
+        if self._wandb_run is None:
+            return "W&B: off (logging.wandb=false); metrics.jsonl has every metric"
+        if self.wandb_mode == "online":
+            return f"W&B: {self._wandb_run.url}"
+        return (f"W&B: offline (no API key found), saved in {self.wandb_dir}; upload it later with "
+                f"`wandb sync {self.wandb_dir}`, or run `wandb login` before training")
+
     def log(self, metrics: Mapping[str, float | int | str], step: int) -> None:
         """Record one row of metrics at `step` (numbers or strings, such as the stage)."""
         if self._metrics_file is None:

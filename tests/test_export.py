@@ -21,7 +21,7 @@ from vocalign.data.synthetic import make_task
 from vocalign.data.types import Response, Rollout
 from vocalign.model.loading import load_policy
 from vocalign.model.policy import Policy
-from vocalign.rl.checkpoint import ADAPTER_NAME, STATE_NAME, load_checkpoint
+from vocalign.rl.checkpoint import ADAPTER_NAME, STATE_NAME, load_checkpoint, write_manifest
 from vocalign.rl.cli import main
 from vocalign.rl.export import PEFT_KEY_MARKERS, export_checkpoint
 
@@ -142,6 +142,7 @@ def test_unknown_checkpoint_files_are_ignored_and_an_unfinished_run_is_said(run_
     # what the run knew when it saved the checkpoint, if the trainer state carries it
     state["summary"] = {"rl": {"reward/mean first 10%": 0.25, "reward/mean last 10%": 0.625}}
     (folder / STATE_NAME).write_text(json.dumps(state))
+    write_manifest(folder)  # as if saved so (an edited file no longer matches its manifest)
     export_checkpoint(folder, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Metrics up to this checkpoint" in card and "## Final metrics" not in card
@@ -150,6 +151,7 @@ def test_unknown_checkpoint_files_are_ignored_and_an_unfinished_run_is_said(run_
 
     del state["summary"]
     (folder / STATE_NAME).write_text(json.dumps(state))
+    write_manifest(folder)
     export_checkpoint(folder, tmp_path / "out", force=True)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "No `summary.json` in the run folder" in card and "## Metrics" not in card and "reward/mean" not in card

@@ -123,3 +123,49 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(case: str, tmp_path: P
         assert first_id and state["wandb_id"] == first_id
         runs = sorted(p.name for p in (killed / "wandb").glob("offline-run-*"))
         assert len(runs) == 2 and all(r.endswith(first_id) for r in runs), runs
+
+
+KILL_IN_SAVE = '''
+import os, signal, sys
+import vocalign.rl.checkpoint as checkpoint
+
+write_manifest, saves = checkpoint.write_manifest, []
+
+def dies_writing_the_third_checkpoint(folder):
+    # the third step folder's files are written but it is not renamed into place yet
+    saves.append(folder)
+    if sum(".tmp-step-" in str(f) for f in saves) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_manifest(folder)
+
+checkpoint.write_manifest = dies_writing_the_third_checkpoint
+from vocalign.rl.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_path: Path) -> None:
+    """A kill in the middle of saving step 3 leaves step 2 the latest checkpoint; the resumed run
+    ends bitwise where an uninterrupted one does."""
+    (tmp_path / "resume_reward.py").write_text(REWARD_MODULE)
+    (tmp_path / "dies_in_save.py").write_text(KILL_IN_SAVE)
+    env, extra = _env(tmp_path), CASES["lora"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = subprocess.Popen(_command(whole, extra), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    dying = subprocess.run([sys.executable, "dies_in_save.py", *_command(killed, extra)[3:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert dying.returncode == -signal.SIGKILL, dying.stdout + dying.stderr
+    assert [p.name for p in (killed / "checkpoints").glob("step-*")] == ["step-2"] or sorted(
+        p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
+    assert list((killed / "checkpoints").glob(".tmp-step-3-*")), "the kill should have come inside the save"
+    resumed = subprocess.run(_command(killed, [*extra, "run.resume=true"]), cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from {killed / 'checkpoints' / 'step-2'}" in resumed.stdout + resumed.stderr
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out
+    a, b = _weights(whole / "checkpoints" / f"step-{STEPS}"), _weights(killed / "checkpoints" / f"step-{STEPS}")
+    assert a.keys() == b.keys() and a
+    assert all(a[n].numpy().tobytes() == b[n].numpy().tobytes() for n in a)
+    assert not list((killed / "checkpoints").glob(".tmp-*")), "the next save cleans up the broken temporary folder"

@@ -24,7 +24,7 @@ from vocalign.data.types import Message, Prompt, Rollout
 from vocalign.model.loading import embedded_policy, load_policy
 from vocalign.rewards import RewardSpec
 from vocalign.rl.algorithms import group_normalized_advantages
-from vocalign.rl.checkpoint import ADAPTER_NAME, STATE_NAME, load_checkpoint
+from vocalign.rl.checkpoint import ADAPTER_NAME, MANIFEST_NAME, STATE_NAME, load_checkpoint
 from vocalign.rl.config import KLConfig, LossConfig, Recipe, RLConfig
 from vocalign.rl.trainer import PromptCursor, RLTrainer
 from vocalign.rl.recipe import load_recipe
@@ -147,8 +147,11 @@ def test_checkpoints_keep_the_last_two(run_dir: Path) -> None:
     assert not list(checkpoints.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
     for name in KEPT_CHECKPOINTS:
         files = sorted(p.name for p in (checkpoints / name).iterdir())
-        # under LoRA: the adapter only, with the optimiser and the RNG states
-        assert files == [ADAPTER_NAME, "optimizer.pt", "rng.pt", STATE_NAME]
+        # under LoRA: the adapter only, with the optimiser and the RNG states, and the manifest of them all
+        assert files == [ADAPTER_NAME, MANIFEST_NAME, "optimizer.pt", "rng.pt", STATE_NAME]
+        manifest = json.loads((checkpoints / name / MANIFEST_NAME).read_text())["files"]
+        assert set(manifest) == set(files) - {MANIFEST_NAME}
+        assert manifest[ADAPTER_NAME]["bytes"] == (checkpoints / name / ADAPTER_NAME).stat().st_size
     state = json.loads((checkpoints / KEPT_CHECKPOINTS[-1] / STATE_NAME).read_text())
     assert {k: state[k] for k in ("stage", "step", "stage_step", "lora", "lora_config", "cursor", "version", "algorithm")} == {
         "stage": "rl", "step": 6, "stage_step": 3, "lora": True, "lora_config": {"r": 16, "alpha": 32, "dropout": 0.0},

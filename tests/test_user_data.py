@@ -204,8 +204,16 @@ def test_whole_file_problems_are_clear(tmp_path):
     with pytest.raises(ValueError, match="is not a saved Hugging Face dataset"):
         load_prompts(tmp_path)
     (tmp_path / "broken.jsonl").write_text('{"prompt": "hi"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match="broken.jsonl' could not be read as json"):
+    with pytest.raises(ValueError, match=r"line 2 of '.*broken.jsonl' is not valid JSON \(Expecting value at column 12\)"):
         load_prompts(tmp_path / "broken.jsonl")
+    # under skip the line is left out and its reason kept; the good row loads
+    skipped = load_prompts(tmp_path / "broken.jsonl", on_bad_row="skip")
+    assert [p.messages[-1].content for p in skipped.prompts] == ["hi"] and skipped.skipped == 1
+    assert "line 2" in skipped.skipped_reasons[0]
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "hi"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"line 2 of '.*latin1.jsonl' is not UTF-8 text \(byte 0xe9"):
+        load_prompts(tmp_path / "latin1.jsonl")
+    assert load_prompts(tmp_path / "latin1.jsonl", on_bad_row="skip").skipped == 1
     no_prompt = _write_jsonl(tmp_path / "answers.jsonl", [{"answer": 1}])
     with pytest.raises(ValueError, match=r"has columns \['answer'\] but no 'prompt', 'audio' or 'messages'"):
         load_prompts(no_prompt)

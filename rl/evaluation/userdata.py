@@ -25,7 +25,7 @@ from typing import Any
 
 from vocalign.data.synthetic import TRANSCRIBE_INSTRUCTION
 from vocalign.data.types import Prompt
-from vocalign.data.user_data import DATA_FILE_FORMATS, prompts_from_dataset
+from vocalign.data.user_data import DATA_FILE_FORMATS, open_dataset, prompts_from_dataset
 
 from .suites import Suite, with_prompts_checked
 
@@ -39,34 +39,30 @@ def load_suite_data(suite: Suite, path: str | Path, on_bad_row: str = "raise") -
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{suite.name} data {str(path)!r} does not exist; give a file or folder (see `vocalign eval --help`)")
+    bad_lines: list[str] = []
     if path.is_dir() and suite.data_kind == "transcripts" and not (path / "state.json").exists():
         rows, base = _transcript_folder(path), path
         dataset = datasets.Dataset.from_list(rows)
     else:
-        dataset, base = _read_table(path)
+        dataset, base, bad_lines = _read_table(path, on_bad_row)
         dataset = _to_schema(dataset, suite, path)
     loaded = prompts_from_dataset(dataset, path, base, on_bad_row=on_bad_row, task=suite.name)
-    return with_prompts_checked(suite, loaded.prompts, str(path)), loaded.skipped_reasons
+    return with_prompts_checked(suite, loaded.prompts, str(path)), bad_lines + loaded.skipped_reasons
 
 
-def _read_table(path: Path):
+def _read_table(path: Path, on_bad_row: str):
     """A JSON / JSON lines / Parquet file or a saved dataset folder, as a `datasets.Dataset`."""
     import datasets
 
-    if path.is_dir():
-        from vocalign.data.user_data import _open_dataset
-
-        return _open_dataset(path, None)
-    if path.suffix.lower() not in DATA_FILE_FORMATS:
+    if path.is_file() and path.suffix.lower() not in DATA_FILE_FORMATS:
         raise ValueError(f"data file {str(path)!r} has an unknown extension {path.suffix!r}; use .jsonl, .json or .parquet")
-    if path.suffix.lower() == ".json" and _starts_with(path, "["):  # MMAU ships one JSON list
+    if path.is_file() and path.suffix.lower() == ".json" and _starts_with(path, "["):  # MMAU ships one JSON list
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"data file {str(path)!r} holds a JSON list whose items are not all objects; give one object per row")
-        return datasets.Dataset.from_list([_jsonable(r) for r in rows]), path.parent
-    from vocalign.data.user_data import _open_dataset
-
-    return _open_dataset(path, None)
+        return datasets.Dataset.from_list([_jsonable(r) for r in rows]), path.parent, []
+    opened = open_dataset(path, None, on_bad_row)
+    return opened.data, opened.base_dir, opened.bad_lines
 
 
 def _starts_with(path: Path, char: str) -> bool:
