@@ -122,8 +122,8 @@ class StepAudio2Model(CausalLMParts, nn.Module):
         if too_long:
             raise ValueError(
                 f"audio clip {too_long[0]} is {len(waveforms[too_long[0]]) / SAMPLE_RATE:.2f} s long; this model "
-                f"takes at most {self.config.max_audio_seconds:.2f} s per clip: cut the clip or raise "
-                "encoder.max_source_positions"
+                f"takes at most {self.config.max_audio_seconds:.2f} s per clip: cut the clip, or build the model for "
+                "longer clips (recipe key model.max_audio_seconds; a run checks its data files against it when they load)"
             )
         # The encoder's own forward insists on its full window; run its parts on each
         # clip's bucket length instead (see PAD_BUCKET).

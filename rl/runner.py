@@ -316,6 +316,10 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict)
                 step += 1
                 tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
+                    # saved before the evaluation below: a reward that fails there loses no SFT work
+                    # (the evaluation leaves the RNG states alone, so a resume from here is exact)
+                    save_checkpoint(policy, run_dir, step, checkpoint_state("sft", i + 1), run.keep_last, run.keep_every, extra=sft.save)
                 if i + 1 == cfg.steps:
                     ro = recipe.rollouts
                     sft_worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
@@ -325,8 +329,6 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict)
                         summary["sft"]["style"] = style_table(summary["sft_suites"])
                     say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}"
                         + (f"; style honoured: {_show_style(summary['sft'].get('style'))}" if summary["sft"].get("style") else ""))
-                if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
-                    save_checkpoint(policy, run_dir, step, checkpoint_state("sft", i + 1), run.keep_last, run.keep_every, extra=sft.save)
 
         # -- stage 2: RL (GRPO family or PPO) -----------------------------------------
         cfg = recipe.rl

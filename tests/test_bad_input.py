@@ -243,3 +243,32 @@ def test_a_damaged_base_is_named(finished_run, tmp_path, capsys) -> None:
 def test_debug_shows_the_traceback(tmp_path) -> None:
     with pytest.raises(ValueError, match="rl.lr=-0.1"):
         main(["train", "demo", *QUICK, "rl.lr=-0.1", "--debug", f"run.output_dir={tmp_path / 'x'}"])
+
+
+def test_a_truncated_optimiser_state_stops_a_resume_but_not_an_export(finished_run, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    (_, older), (newest_step, newest) = checkpoints(run_dir / "checkpoints")[-2:]
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    code, out_text, _ = run(["export", str(newest), str(tmp_path / "export")], capsys)
+    assert code == 0 and f"exported step {newest_step}" in out_text  # export never reads the optimiser
+    with pytest.warns(UserWarning, match=rf"{newest.name} is damaged \(optimizer.pt \(100 bytes"):
+        code, out_text, err = run(["train", "demo", *QUICK, "rl.steps=3", "run.save_every=1", "run.keep_last=3",
+                                   "run.resume=true", f"run.output_dir={run_dir}"], capsys)
+    assert code == 0 and f"resuming from {older}" in out_text, err
+
+
+def test_a_row_without_its_fields_is_named(clips, tmp_path, capsys) -> None:
+    data = rows_file(tmp_path / "data.jsonl", clips, ["good", "good2"])
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "empty-row", "answer": 3}) + "\n")
+    code, _, err = run(["train", "demo", *QUICK, f"data.train_file={data}", f"run.output_dir={tmp_path / 'r'}"], capsys)
+    line = one_line(err)
+    assert code == 2 and "(id 'empty-row')" in line and "has no 'prompt', 'audio' or 'messages'" in line
+
+
+def test_an_unimported_decorated_reward_is_told_to_use_module_function(tmp_path, capsys) -> None:
+    code, _, err = run(["train", "demo", *QUICK, "rewards=[{name: my_style_reward}]", f"run.output_dir={tmp_path / 'r'}"],
+                       capsys)
+    assert code == 2 and "'your_module:function'" in one_line(err)

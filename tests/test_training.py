@@ -248,12 +248,13 @@ def test_wandb_offline_run_is_in_the_run_folder(run_dir: Path, isolated_wandb: P
     assert len(logs) == 1 and logs[0].stat().st_size > 0
 
 
-def test_no_wandb_folder_when_wandb_is_off(tmp_path: Path, isolated_wandb: Path) -> None:
+def test_no_wandb_folder_when_wandb_is_off(tmp_path: Path, isolated_wandb: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "no-wandb"
     recipe = load_recipe(
         "demo", [*TINY_RUN, "sft.steps=0", "rl.steps=1", "logging.wandb=false", f"run.output_dir={out}"], Recipe
     )
     run_dir = train(recipe, "demo")
+    assert "W&B: off (logging.wandb=false)" in capsys.readouterr().out
     assert not (run_dir / "wandb").exists()
     assert [row["stage"] for row in read_metrics(run_dir / "metrics.jsonl")] == ["rl", "eval"]  # the eval suites log after the stage
     assert (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
