@@ -74,6 +74,9 @@ def save_merged(model: nn.Module, folder) -> None:
     model.hf_model.save_pretrained(folder)
 
 
+GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
+
+
 @dataclass
 class Sampling:
     temperature: float = 1.0

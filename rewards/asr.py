@@ -34,6 +34,8 @@ class ASRBackend(Protocol):
         ...
 
 
+ASR_SAMPLE_RATE = 16000  # every clip of a batch is brought to one rate, so the ASR runs once
+
 _BACKENDS: dict[str, Callable[..., ASRBackend]] = {}
 _BUILT: dict[tuple[str, str], ASRBackend] = {}
 _LOCK = threading.Lock()
@@ -69,6 +71,20 @@ def get_asr(name: str = "embedded", **kwargs: Any) -> ASRBackend:
         if key not in _BUILT:
             _BUILT[key] = _BACKENDS[name](**kwargs)
         return _BUILT[key]
+
+
+def transcribe_rollouts(rollouts: Sequence[Any], asr: str = "embedded", only: Sequence[int] | None = None,
+                        **asr_kwargs: Any) -> list[str | None]:
+    """What the `asr` backend hears in each rollout's speech, in one batch at 16 kHz; None for a
+    rollout without speech, or not among the indices `only`."""
+    wanted = range(len(rollouts)) if only is None else only
+    spoken = [i for i in wanted if rollouts[i].waveform is not None and len(rollouts[i].waveform) > 0]
+    heard: list[str | None] = [None] * len(rollouts)
+    if spoken:
+        clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, ASR_SAMPLE_RATE) for i in spoken]
+        for i, text in zip(spoken, get_asr(asr, **asr_kwargs).transcribe(clips, ASR_SAMPLE_RATE)):
+            heard[i] = text
+    return heard
 
 
 def _spoken(waveforms: Sequence[np.ndarray | None]) -> list[int]:

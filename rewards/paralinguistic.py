@@ -368,6 +368,19 @@ def detect_style(
     return style
 
 
+def analyse(
+    waveform: np.ndarray, sample_rate: int, text: str | None, voice: str
+) -> tuple[dict[str, float], dict[str, str], bool]:
+    """A clip's prosody against `voice`'s neutral speech: (`relative_prosody`, `detect_style`,
+    whether the rate came from `text`). With `text` (the words said), pitch and volume are
+    measured against those words said neutrally (`text_reference`)."""
+    baseline = voice_baseline(voice)
+    features = measure(waveform, sample_rate, text, f0_range=baseline.f0_range)
+    reference = text_reference(voice, text) if text else None
+    return (relative_prosody(features, baseline, reference), detect_style(features, baseline, reference),
+            features.syllables_from_text)
+
+
 def level_score(attribute: str, value: float, level: str, from_text: bool = True) -> float:
     """1.0 inside `level`'s band, falling as exp(-distance / GRADE_SCALE) outside it."""
     low, high = level_thresholds(attribute, from_text)
@@ -459,18 +472,10 @@ def _rate_texts(
         return [None] * len(rollouts)
     if rate_text == "spoken_text":
         return [r.spoken_text.strip() or None for r in rollouts]
-    from vocalign.rewards.asr import get_asr
+    from vocalign.rewards.asr import transcribe_rollouts
 
-    texts: list[str | None] = [None] * len(rollouts)
-    asks = [
-        i for i, (r, want) in enumerate(zip(rollouts, expected))
-        if want and "rate" in want and r.waveform is not None and len(r.waveform) > 0
-    ]
-    if asks:
-        clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, 16000) for i in asks]
-        for i, heard in zip(asks, get_asr(asr).transcribe(clips, 16000)):
-            texts[i] = heard.strip() or None
-    return texts
+    heard = transcribe_rollouts(rollouts, asr, only=[i for i, want in enumerate(expected) if want and "rate" in want])
+    return [text.strip() or None if text is not None else None for text in heard]
 
 
 def _acoustic_score(
@@ -482,17 +487,13 @@ def _acoustic_score(
     if rollout.waveform is None or len(rollout.waveform) == 0:
         return 0.0
     speaker = rollout.meta.get(voice_key) if voice_key else None
-    baseline = voice_baseline(speaker or voice)
-    features = measure(rollout.waveform, rollout.sample_rate, text, f0_range=baseline.f0_range)
-    reference = text_reference(speaker or voice, text) if text else None
-    values = relative_prosody(features, baseline, reference)
-    detected = detect_style(features, baseline, reference)
+    values, detected, from_text = analyse(rollout.waveform, rollout.sample_rate, text, speaker or voice)
     score = total = 0.0
     for attribute, (level, weight) in expected.items():
         if attribute not in values:
             match = 0.0  # silence, or no voiced frame to take a pitch from
         elif graded:
-            match = level_score(attribute, values[attribute], level, features.syllables_from_text)
+            match = level_score(attribute, values[attribute], level, from_text)
         else:
             match = 1.0 if detected[attribute] == level else 0.0
         score, total = score + weight * match, total + weight

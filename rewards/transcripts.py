@@ -21,19 +21,16 @@ import unicodedata
 from collections.abc import Callable
 
 import jiwer
-import numpy as np
 
-from vocalign.data.espeak import resample
 from vocalign.data.synthetic import number_to_words
 from vocalign.data.types import Rollout
-from vocalign.rewards.asr import get_asr
+from vocalign.rewards.asr import transcribe_rollouts
 from vocalign.rewards.registry import reward
 
 UNITS = ("word", "char")
 SHAPES = ("linear", "exp")
 TEXT_FIELDS = ("text", "spoken_text", "think", "raw_text")
 AGAINST = ("text", "spoken_text", "reference")
-ASR_SAMPLE_RATE = 16000  # every clip of a batch is brought to one rate, so the ASR runs once
 
 _CURRENCIES = {"$": ("dollar", "cent"), "€": ("euro", "cent"), "£": ("pound", "penny")}
 _PLURAL = {"penny": "pence"}
@@ -254,19 +251,16 @@ def speech_consistency(
     if against not in AGAINST:
         raise ValueError(f"against={against!r} is not known; use one of {', '.join(AGAINST)}")
     expected = [_comparison_text(r, against, reference_key) for r in rollouts]
-    heard = [i for i, r in enumerate(rollouts)
-             if expected[i] is not None and r.waveform is not None and len(r.waveform) > 0]
-    clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, ASR_SAMPLE_RATE)
-             for i in heard]
-    transcripts = dict(zip(heard, get_asr(asr, **(asr_kwargs or {})).transcribe(clips, ASR_SAMPLE_RATE))) if heard else {}
+    heard = transcribe_rollouts(rollouts, asr, only=[i for i, text in enumerate(expected) if text is not None],
+                                **(asr_kwargs or {}))
     scores: list[float | None] = []
-    for i, text in enumerate(expected):
+    for text, transcript in zip(expected, heard):
         if text is None:
             scores.append(None)
-        elif i not in transcripts:
-            scores.append(0.0)
+        elif transcript is None:
+            scores.append(0.0)  # no speech
         else:
-            scores.append(shaped_score(word_error_rate(text, transcripts[i], unit), shape, k))
+            scores.append(shaped_score(word_error_rate(text, transcript, unit), shape, k))
     return scores
 
 

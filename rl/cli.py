@@ -44,28 +44,23 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import SUITES, Variation, evaluate_targets, get_suite, resolve_targets
     from .evaluation.report import write_report
 
-    try:
-        suites = [get_suite(name) for name in (args.suite or list(SUITES))]
-        variation = Variation.parse(args.variation)
-        data = dict(_pair(item, "--data") for item in args.data)
-        for name in data:
-            get_suite(name)
-        missing = [name for name in data if name not in {s.name for s in suites}]
-        if missing:
-            raise ValueError(f"--data names suites {missing} that this run does not evaluate; add --suite for them")
-        if args.n < 1:
-            raise ValueError(f"--n {args.n}: give the number of prompts per suite, at least 1")
-        targets = resolve_targets(args.targets)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    # bad input raises ValueError (or FileNotFoundError) naming the file, row or option: main reports it
+    suites = [get_suite(name) for name in (args.suite or list(SUITES))]
+    variation = Variation.parse(args.variation)
+    data = dict(_pair(item, "--data") for item in args.data)
+    for name in data:
+        get_suite(name)
+    missing = [name for name in data if name not in {s.name for s in suites}]
+    if missing:
+        raise UsageError(f"--data names suites {missing} that this run does not evaluate; add --suite for them")
+    if args.n < 1:
+        raise UsageError(f"--n {args.n}: give the number of prompts per suite, at least 1")
+    targets = resolve_targets(args.targets)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
-    try:
-        report = evaluate_targets(targets, suites, n=args.n, seed=args.seed, variation=variation, data=data,
-                                  on_bad_row=args.on_bad_row, max_new_tokens=args.max_new_tokens)
-    except ValueError as e:  # bad rows, missing fields: the message names the file, row and field
-        raise UsageError(str(e)) from None
+    report = evaluate_targets(targets, suites, n=args.n, seed=args.seed, variation=variation, data=data,
+                              on_bad_row=args.on_bad_row, max_new_tokens=args.max_new_tokens)
     written = write_report(report, out)
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
     return 0

@@ -290,7 +290,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     for key, value in (("sft.steps", sft.steps), ("rl.steps", rl.steps), ("sft.warmup_steps", sft.warmup_steps),
                        ("rl.warmup_steps", rl.warmup_steps), ("data.eval_prompts", recipe.data.eval_prompts)):
         need(value >= 0, key, value, "must be >= 0")
-    if recipe.kind == "policy" and sft.steps == 0 and rl.steps == 0 and sft.steps >= 0 and rl.steps >= 0:
+    if recipe.kind == "policy" and sft.steps == 0 and rl.steps == 0:
         problems.append("sft.steps=0 and rl.steps=0: there is nothing to train; set one of them above 0")
     lrs = [("sft.lr", sft.lr), ("rl.lr", rl.lr)] + ([("rl.critic.lr", rl.critic.lr)] if rl.algorithm == "ppo" else [])
     for key, value in lrs:
@@ -312,7 +312,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
                        ("data.sft_file", recipe.data.sft_file)):
         if value and not Path(value).exists():
             problems.append(f"{key}={value} does not exist; check the path (relative paths start from {Path.cwd()})")
-    for i, task in enumerate(recipe.data.sft_tasks + recipe.data.rl_tasks):
+    for task in recipe.data.sft_tasks + recipe.data.rl_tasks:
         need(task.n >= 0, f"data task {task.name}.n", task.n, "must be >= 0")
     problems += _tool_problems(recipe.rollouts)
     from vocalign.rewards.reward_model import reward_param_problems

@@ -113,7 +113,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = 
         # peft 0.21 calls a transformers method deprecated in 5.x; nothing a user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         try:
-            policy = load_checkpoint(checkpoint)
+            policy = load_checkpoint(checkpoint, verify=False)  # verified above
         except FileNotFoundError as e:
             raise FileNotFoundError(f"cannot load checkpoint {checkpoint}: {e}") from None
         except (KeyError, ValueError) as e:  # a trainer state or adapter this version does not read

@@ -29,7 +29,7 @@ from vocalign.data.synthetic import make_task
 from vocalign.data.types import Prompt
 from vocalign.data.user_data import load_prompts
 from vocalign.model.loading import embedded_policy, load_policy
-from vocalign.model.policy import Policy, Sampling
+from vocalign.model.policy import GREEDY_TEMPERATURE, Policy, Sampling
 from vocalign.rewards import score
 from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.group import RolloutGroup
@@ -44,7 +44,6 @@ from .sft import SFTTrainer
 from .tracking import RunTracker, read_metrics, reward_components
 from .trainer import PromptCursor, RLTrainer
 
-GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 
 
@@ -325,8 +324,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict)
                     sft_worker = RolloutWorker(policy, ro.render_speech, ro.tools, ro.max_turns, ro.tool_options)
                     summary["sft"] = evaluate(sft_worker, held_out, recipe, reward_workers)
                     summary["sft_suites"] = run_eval_suites(policy, suites, recipe, tracker, step)
-                    if style_table(summary["sft_suites"]):
-                        summary["sft"]["style"] = style_table(summary["sft_suites"])
+                    if style := style_table(summary["sft_suites"]):
+                        summary["sft"]["style"] = style
                     say(f"after SFT, greedy on held-out prompts: reward/mean {summary['sft']['reward/mean']:.3f}"
                         + (f"; style honoured: {_show_style(summary['sft'].get('style'))}" if summary["sft"].get("style") else ""))
 
@@ -396,8 +395,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict)
                 if i + 1 == cfg.steps:
                     summary["rl"] = _rl_summary(rows, evaluate(worker, held_out, recipe, reward_workers, gather=trainer.backend.full_parameters))
                     summary["rl_suites"] = run_eval_suites(policy, suites, recipe, tracker, step, gather=trainer.backend.full_parameters)
-                    if style_table(summary["rl_suites"]):
-                        summary["rl"]["style"] = style_table(summary["rl_suites"])
+                    if style := style_table(summary["rl_suites"]):
+                        summary["rl"]["style"] = style
                 if (i + 1) % run.save_every == 0 or i + 1 == cfg.steps:
                     # prompts whose rollouts are still being generated (async) are generated again after a resume
                     position = cursor.position - (cfg.prompts_per_step if trainer.pending else 0)

@@ -329,25 +329,15 @@ def transcribe_speech(rollouts: Sequence[Rollout]) -> list[str]:
     The table is for looking at; a recognizer that cannot be loaded or fails leaves the
     transcripts empty (with a warning) rather than stopping the run.
     """
-    texts = [""] * len(rollouts)
-    by_rate: dict[int, list[int]] = {}
-    for i, rollout in enumerate(rollouts):
-        if rollout.waveform is not None and len(rollout.waveform) > 0:
-            by_rate.setdefault(rollout.sample_rate, []).append(i)
-    if not by_rate:
-        return texts
+    if not any(r.waveform is not None and len(r.waveform) > 0 for r in rollouts):
+        return [""] * len(rollouts)
     try:
-        from vocalign.rewards.asr import get_asr
+        from vocalign.rewards.asr import transcribe_rollouts
 
-        asr = get_asr("embedded")
-        for rate, indices in by_rate.items():
-            heard = asr.transcribe([rollouts[i].waveform for i in indices], rate)
-            for i, text in zip(indices, heard):
-                texts[i] = text
+        return [text or "" for text in transcribe_rollouts(rollouts)]
     except Exception as error:  # noqa: BLE001 - see the docstring
         logger.warning("sample table: the embedded recognizer failed (%s); transcripts left empty", error)
         return [""] * len(rollouts)
-    return texts
 
 
 def _score(value: float | None) -> float | None:

@@ -68,6 +68,16 @@ def _weights(folder: Path) -> dict:
     return weights
 
 
+def _assert_same_final_weights(whole: Path, resumed: Path) -> dict:
+    """The two runs' last checkpoints hold bitwise-equal weights; returns the first run's."""
+    a, b = _weights(whole / "checkpoints" / f"step-{STEPS}"), _weights(resumed / "checkpoints" / f"step-{STEPS}")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+        assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), f"{name} differs after resume"
+    return a
+
+
 def _rl_rows(run: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_metrics(run / "metrics.jsonl")}
 
@@ -101,11 +111,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(case: str, tmp_path: P
     assert reference.returncode == 0, out
 
     # bitwise-equal final weights (the policy's adapter or all its weights, and the critic)
-    a, b = _weights(whole / "checkpoints" / f"step-{STEPS}"), _weights(killed / "checkpoints" / f"step-{STEPS}")
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
-        assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), f"{name} differs after resume"
+    a = _assert_same_final_weights(whole, killed)
     # training really moved the weights (the test would pass trivially otherwise)
     first = _weights(whole / "checkpoints" / f"step-{STEPS - 1}")
     assert any(first[n].numpy().tobytes() != a[n].numpy().tobytes() for n in a if n in first)
@@ -165,7 +171,5 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tmp
     assert f"resuming from {killed / 'checkpoints' / 'step-2'}" in resumed.stdout + resumed.stderr
     out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, out
-    a, b = _weights(whole / "checkpoints" / f"step-{STEPS}"), _weights(killed / "checkpoints" / f"step-{STEPS}")
-    assert a.keys() == b.keys() and a
-    assert all(a[n].numpy().tobytes() == b[n].numpy().tobytes() for n in a)
+    _assert_same_final_weights(whole, killed)
     assert not list((killed / "checkpoints").glob(".tmp-*")), "the next save cleans up the broken temporary folder"

@@ -16,12 +16,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vocalign.data.types import Prompt
-from vocalign.model.policy import Policy, Sampling
+from vocalign.model.policy import GREEDY_TEMPERATURE, Policy, Sampling
 
-from .stats import Estimate, bootstrap_mean, paired_difference
+from .stats import bootstrap_mean, paired_difference
 from .suites import NO_REQUEST, SampleResult, Suite, Variation
 
-GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 MAX_NEW_TOKENS = 48  # per turn; a spoken answer of the embedded model takes ~30
 BATCH = 64
 
@@ -187,10 +186,7 @@ def evaluate_targets(
         policy = target.load()
         scored[target.label] = evaluate_policy(policy, prepared, max_new_tokens, progress, desc=target.label)
         say(f"{target.label}: " + "; ".join(
-            f"{name} " + ", ".join(f"{m} {Estimate(**summarise(res, [m])['metrics'][m]).show()}" for m in _shown(prepared, name))
-            for name, res in scored[target.label].items()))
+            f"{p.suite.name} {p.suite.metrics[0]} "
+            f"{bootstrap_mean([r.metrics.get(p.suite.metrics[0]) for r in scored[target.label][p.suite.name]]).show()}"
+            for p in prepared))
     return build_report([t.label for t in targets], prepared, scored, variation, seed)
-
-
-def _shown(prepared: Sequence[PreparedSuite], name: str) -> tuple[str, ...]:
-    return next(p.suite.metrics[:1] for p in prepared if p.suite.name == name)

@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from vocalign.data.espeak import resample
 from vocalign.data.synthetic import make_task
 from vocalign.data.types import STYLE_LEVELS, Prompt, Rollout
+from vocalign.rewards.asr import transcribe_rollouts
 from vocalign.rewards.correctness import is_correct
-from vocalign.rewards.paralinguistic import detect_style, measure, text_reference, voice_baseline
+from vocalign.rewards.paralinguistic import analyse
 from vocalign.rewards.transcripts import word_error_rate
 
-ASR_RATE = 16000
 NO_REQUEST = "none"  # the style group of prompts that ask for no style
 
 
@@ -106,6 +105,7 @@ class Suite:
     score: Callable[[list[Rollout]], list[SampleResult]]
     data_kind: str  # which user-data formats it reads (see vocalign.rl.evaluation.userdata)
     group_name: str | None = None
+    reference_fields: tuple[str, ...] = ()  # the meta fields every prompt needs: what the suite scores against
     tools: tuple[str, ...] = ()
     speech_metrics: tuple[str, ...] = ()  # metrics measured on the speech: None for a policy that cannot speak
 
@@ -126,19 +126,6 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
-def transcribe(rollouts: Sequence[Rollout]) -> list[str | None]:
-    """What the embedded recognizer hears in each rollout's speech; None without speech."""
-    from vocalign.rewards.asr import get_asr
-
-    spoken = [i for i, r in enumerate(rollouts) if r.waveform is not None and len(r.waveform) > 0]
-    heard: list[str | None] = [None] * len(rollouts)
-    if spoken:
-        clips = [resample(np.asarray(rollouts[i].waveform, np.float32), rollouts[i].sample_rate, ASR_RATE) for i in spoken]
-        for i, text in zip(spoken, get_asr("embedded").transcribe(clips, ASR_RATE)):
-            heard[i] = text
-    return heard
-
-
 # --------------------------------------------------------------------------- spoken QA
 
 
@@ -148,7 +135,7 @@ def _build_spoken_qa(n: int, seed: int, variation: Variation) -> list[Prompt]:
 
 
 def _score_spoken_qa(rollouts: list[Rollout]) -> list[SampleResult]:
-    heard = transcribe(rollouts)
+    heard = transcribe_rollouts(rollouts)
     out = []
     for r, transcript in zip(rollouts, heard):
         answer = r.meta["answer"]
@@ -160,7 +147,7 @@ def _score_spoken_qa(rollouts: list[Rollout]) -> list[SampleResult]:
 
 register_suite(Suite(
     "spoken_qa", "spoken arithmetic questions: is the text answer right, and does the speech say it",
-    ("correct", "spoken_correct"), _build_spoken_qa, _score_spoken_qa, data_kind="qa",
+    ("correct", "spoken_correct"), _build_spoken_qa, _score_spoken_qa, data_kind="qa", reference_fields=("answer",),
     speech_metrics=("spoken_correct",),
 ))
 
@@ -185,20 +172,12 @@ def detected_styles(rollouts: Sequence[Rollout], heard: Sequence[str | None]) ->
     detokenizer's; meta `voice` when a row names another), and the rate is measured
     against the words the recognizer heard.
     """
-    out = []
-    for r, transcript in zip(rollouts, heard):
-        if r.waveform is None or len(r.waveform) == 0:
-            out.append({})
-            continue
-        voice = r.meta.get("voice") or "en-us"
-        baseline = voice_baseline(voice)
-        features = measure(r.waveform, r.sample_rate, transcript or None, f0_range=baseline.f0_range)
-        out.append(detect_style(features, baseline, text_reference(voice, transcript) if transcript else None))
-    return out
+    return [analyse(r.waveform, r.sample_rate, transcript or None, r.meta.get("voice") or "en-us")[1]
+            if r.waveform is not None and len(r.waveform) else {} for r, transcript in zip(rollouts, heard)]
 
 
 def _score_style(rollouts: list[Rollout]) -> list[SampleResult]:
-    heard = transcribe(rollouts)
+    heard = transcribe_rollouts(rollouts)
     out = []
     for r, detected in zip(rollouts, detected_styles(rollouts, heard)):
         requested = r.meta.get("style")
@@ -219,6 +198,7 @@ def _score_style(rollouts: list[Rollout]) -> list[SampleResult]:
 register_suite(Suite(
     "style", "a requested speaking style (slow, fast, low, high, soft, loud) or none, measured by the detector",
     ("honoured", "neutral"), _build_style, _score_style, data_kind="style", group_name="requested style",
+    reference_fields=("style",),
     speech_metrics=("honoured", "neutral"),
 ))
 
@@ -242,6 +222,7 @@ def _score_transcription(rollouts: list[Rollout]) -> list[SampleResult]:
 register_suite(Suite(
     "transcription", "transcribe a spoken sentence: word error rate of the text answer",
     ("accuracy", "wer"), _build_transcription, _score_transcription, data_kind="transcripts",
+    reference_fields=("transcript",),
 ))
 
 
@@ -269,6 +250,7 @@ def _score_perception(rollouts: list[Rollout]) -> list[SampleResult]:
 register_suite(Suite(
     "perception", "multiple-choice questions about the audio (rate, pitch, volume, gender; MMAU format)",
     ("accuracy",), _build_perception, _score_perception, data_kind="mcq", group_name="category",
+    reference_fields=("answer",),
 ))
 
 
@@ -298,15 +280,14 @@ def _score_tool_use(rollouts: list[Rollout]) -> list[SampleResult]:
 register_suite(Suite(
     "tool_use", "questions that need the calculator: the call, and the final answer after its result",
     ("call", "answer"), _build_tool_use, _score_tool_use, data_kind="tools", tools=("calculator",),
+    reference_fields=("expected_tool",),
 ))
 
 
 def with_prompts_checked(suite: Suite, prompts: list[Prompt], source: str) -> list[Prompt]:
     """`prompts` after checking each has the reference fields `suite` scores against (a clear error otherwise)."""
-    need = {"spoken_qa": ("answer",), "style": ("style",), "transcription": ("transcript",),
-            "perception": ("answer",), "tool_use": ("expected_tool",)}.get(suite.name, ())
     for i, p in enumerate(prompts):
-        missing = [k for k in need if k not in p.meta]
+        missing = [k for k in suite.reference_fields if k not in p.meta]
         if missing:
             raise ValueError(f"{source}: row {i} (id {p.id!r}) has no {', '.join(map(repr, missing))}, which the "
                              f"{suite.name} suite scores against; add it to every row")

@@ -71,7 +71,8 @@ def _starts_with(path: Path, char: str) -> bool:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    """A row whose list- and dict-valued fields other than choices are JSON text (one Arrow type per column)."""
+    """A row whose dict-valued fields are JSON text: rows of one JSON list may give a field dicts of
+    different keys, which one Arrow column cannot hold."""
     return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
 
 
