@@ -36,7 +36,7 @@ from vocalign.data.types import Rollout
 from vocalign.model import chat
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling
-from vocalign.rewards.workers import ensure_ray
+from vocalign.common.ray_cluster import ensure_ray
 from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.sync import state_checksum
 from vocalign.rollouts.worker import RolloutWorker

@@ -36,7 +36,7 @@ from vocalign.data.render import MAX_CLIP_SECONDS, attach_audio, draw_clip
 from vocalign.data.speakers import Conditions, resolve_voices
 from vocalign.data.synthetic import check_count, number_to_words, sentence
 from vocalign.data.types import Message, Prompt, Response
-from vocalign.rollouts.tools import (
+from vocalign.tools import (
     DEFAULT_VOICE_LIBRARY,
     format_tool_call,
     get_tool,

@@ -9,7 +9,7 @@ backend for the life of the process: rewards ask for it every step, and a reward
 Built in:
 - "embedded": the small CTC recognizer shipped with vocalign (`vocalign.rewards.ctc_asr`),
   offline on CPU, for the synthetic speech domain; kwargs `path` (a folder written by
-  `python -m vocalign.rewards.ctc_asr train`), `device`, `batch_size`.
+  `python -m vocalign.rewards.training.ctc_asr train`), `device`, `batch_size`.
 - "whisper": any Whisper checkpoint through `transformers`, from a local folder or a hub
   id; kwargs `path`, `device`, `language`, `task`, `batch_size`, `max_new_tokens`.
 """

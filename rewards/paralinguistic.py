@@ -10,7 +10,7 @@ Three steps, each a small function:
    Levels are relative to it: a female voice's "low" is near a male voice's "high".
 3. `detect_style(features, baseline)` -> {"rate": "slow", "pitch": "normal", ...}, with
    thresholds calibrated on synthetic speech (`python -m
-   vocalign.rewards.calibrate_paralinguistic` measures them and the accuracy).
+   vocalign.rewards.training.calibrate_paralinguistic` measures them and the accuracy).
 
 The `paralinguistic` reward scores each rollout's waveform against `meta["style"]`. With
 `backend="classifier"` it scores instead with a `transformers` audio classifier's
@@ -72,7 +72,7 @@ MIN_SPEECH_S = 0.05
 DURATION_MODEL = {"stressed": 0.135, "unstressed": 0.045, "consonant": 0.050, "word": 0.031, "constant": 0.125}
 
 # Level thresholds, relative to the voice's baseline, as (below -> first level, above ->
-# last level). Calibrated with `python -m vocalign.rewards.calibrate_paralinguistic` on
+# last level). Calibrated with `python -m vocalign.rewards.training.calibrate_paralinguistic` on
 # the policy detokenizer's speech (40 texts x 27 styles, voice en-us) and 360 perception-task
 # clips of 6 voices (f1-f3, m1-m3); each threshold is the middle of the widest gap that
 # makes the fewest errors between two adjacent levels. Held out (other texts, noise at

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import importlib
 import inspect
 import math
 import numbers
@@ -33,13 +32,17 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from vocalign.common.registry import Registry, import_function
 from vocalign.data.types import Rollout
 
 RewardFn = Callable[..., Any]  # (rollouts, **params) -> list[float | None], or a coroutine of it
 
 ON_ERROR = ("raise", "zero", "skip")
 
-_REGISTRY: dict[str, RewardFn] = {}
+_REGISTRY: Registry[RewardFn] = Registry(
+    "reward", "A reward decorated with @reward(name) in your own module registers only once that module is imported: "
+    "name it as 'your_module:function' (the module beside your recipe, or importable)",
+)
 
 
 class RewardError(RuntimeError):
@@ -58,13 +61,7 @@ def reward(name: str) -> Callable[[RewardFn], RewardFn]:
         )
 
     def register(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            existing = _REGISTRY[name]
-            raise ValueError(
-                f"reward name {name!r} is already registered (by {existing.__module__}.{existing.__qualname__}); "
-                f"choose another name for {fn.__module__}.{fn.__qualname__}"
-            )
-        _REGISTRY[name] = fn
+        _REGISTRY.add(name, fn, fn)
         return fn
 
     return register
@@ -72,50 +69,7 @@ def reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def get_reward(name: str) -> RewardFn:
     """The reward function called `name`: a registered name, or `package.module:function`."""
-    if ":" in name:
-        return _import_reward(name)
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, _REGISTRY, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    if "." in name:
-        hint += f"to import a function, write 'package.module:function' (e.g. '{name.rpartition('.')[0]}:"
-        hint += f"{name.rpartition('.')[2]}'); "
-    raise ValueError(
-        f"reward {name!r} is not registered; {hint}registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}. "
-        f"A reward decorated with @reward({name!r}) in your own module registers only once that module is "
-        f"imported: name it as 'your_module:function' (the module beside your recipe, or importable)"
-    )
-
-
-def _import_reward(reference: str) -> RewardFn:
-    module_name, _, function_name = reference.partition(":")
-    if not module_name or not function_name or ":" in function_name:
-        raise ValueError(f"reward {reference!r} is not of the form 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        # A module missing inside the imported module is its own problem, not a wrong path.
-        missing_self = error.name is not None and (module_name + ".").startswith(error.name + ".")
-        what = "cannot be found" if missing_self else f"cannot be imported ({error})"
-        raise ValueError(
-            f"reward {reference!r}: module {module_name!r} {what}; check the module path and that its "
-            "package is installed or on PYTHONPATH"
-        ) from error
-    fn = getattr(module, function_name, None)
-    if fn is None:
-        functions = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
-        close = difflib.get_close_matches(function_name, functions, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(
-            f"reward {reference!r}: module {module_name!r} has no function {function_name!r}; {hint}"
-            f"its functions: {', '.join(functions) or 'none'}"
-        )
-    if not callable(fn):
-        raise ValueError(
-            f"reward {reference!r}: {module_name}.{function_name} is a {type(fn).__name__}, not a function"
-        )
-    return fn
+    return import_function(name, "reward") if ":" in name else _REGISTRY.get(name)
 
 
 class RewardInfo(NamedTuple):
@@ -138,7 +92,7 @@ def list_rewards() -> list[RewardInfo]:
     """Every registered reward, sorted by name, with its one-line description and params."""
     return [
         RewardInfo(name, _first_line(fn), {p.name: _default(p) for p in _params(fn)})
-        for name, fn in sorted(_REGISTRY.items())
+        for name, fn in _REGISTRY.items()
     ]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from vocalign.data.types import Rollout
 from vocalign.model import chat
 
-from .preference_data import DEFAULT_KINDS, PAIR_KINDS, PreferencePair
+from .training.preference_data import DEFAULT_KINDS, PAIR_KINDS, PreferencePair
 from .registry import reward
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 from vocalign.data.types import Rollout
 from vocalign.rewards.registry import reward
-from vocalign.rollouts.tools import ToolCallError, format_tool_call, parse_tool_call, run_tool_call
+from vocalign.tools import ToolCallError, format_tool_call, parse_tool_call, run_tool_call
 
 COMPARE_MODES = ("exact", "normalized", "result")
 

@@ -14,38 +14,13 @@ raises a `RewardError` in the driver and never takes its actor down.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
+from vocalign.common.ray_cluster import ensure_ray, shard_bounds, task_error_cause
 from vocalign.data.types import Rollout
 
 from .registry import RewardError, RewardSpec, _run, get_reward
-
-# Ray's shared-memory object store; it would otherwise take most of /dev/shm.
-OBJECT_STORE_BYTES = 256 * 1024**2
-
-
-def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """Start a local Ray, join a running cluster, or keep the Ray this process already joined.
-
-    `address` joins an existing cluster ("auto", "host:6379" or "ray://host:10001"), as
-    starting the driver with RAY_ADDRESS set does. A cluster has its own CPUs and object
-    store, so `num_cpus` and the object-store size apply only to a local Ray.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if address:
-        kwargs["address"] = address
-    elif not os.environ.get("RAY_ADDRESS"):
-        kwargs |= {"num_cpus": num_cpus or os.cpu_count() or 1, "object_store_memory": OBJECT_STORE_BYTES}
-    # Actors import rewards named `module:function` from the driver's working directory and path.
-    paths = [os.getcwd() if p == "" else p for p in sys.path]
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **kwargs)
-
 
 class RewardActor:
     """Scores one reward (a RewardSpec) on the shards it is sent; run as a Ray actor."""
@@ -95,8 +70,7 @@ class RewardWorkers:
     def submit(self, spec: RewardSpec, rollouts: list[Rollout]) -> _Pending:
         """Start scoring `rollouts` with `spec` on its replicas; returns at once."""
         actors = self.actors(spec)
-        size = -(-len(rollouts) // len(actors)) if rollouts else 1
-        shards = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+        shards = [rollouts[a:b] for a, b in shard_bounds(len(rollouts), len(actors))] if rollouts else []
         return _Pending(spec, [(actor.score.remote(shard), shard) for actor, shard in zip(actors, shards)])
 
     def result(self, pending: _Pending) -> tuple[list[float | None], int]:
@@ -109,7 +83,7 @@ class RewardWorkers:
             try:
                 shard_scores, shard_failures = ray.get(ref)
             except ray.exceptions.RayTaskError as error:
-                cause = error.cause if isinstance(error.cause, Exception) else error
+                cause = task_error_cause(error)
                 if isinstance(cause, RewardError):
                     raise RewardError(str(cause)) from cause
                 raise RewardError(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 
@@ -175,36 +178,50 @@ def aggregate_loss(
     mask: torch.Tensor,
     mode: str = "token-mean",
     norm: int | None = None,
-    token_count: float | torch.Tensor | None = None,
+    units: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One loss from per-token losses ([B, T]) over the tokens where `mask` is 1.
 
     - `token-mean`: the mean over every token of the batch (long responses weigh more);
-      `token_count`, when given, replaces this batch's token count as the divisor: pass
-      the count of the whole optimiser step (all its micro-batches, and ranks when the
-      gradients are summed) so that every token weighs the same however the step is split
-      into micro-batches (DAPO; TRL's `num_items_in_batch`). Without it, each micro-batch
-      is its own token mean (TRL's "bnpo");
     - `seq-mean-token-mean`: each sequence's token mean, then the mean over sequences
       (GRPO's original form);
     - `seq-mean-token-sum-norm`: each sequence's token sum divided by a constant `norm`
       (default: T, the padded length), then the mean over sequences (Dr.GRPO: no length bias).
+
+    `units`, when given, replaces this batch's own count as the divisor of the final mean:
+    tokens for `token-mean`, sequences for the other two. Pass the count of the whole
+    minibatch (all its micro-batches, and ranks when the gradients are summed) so that
+    the minibatch's loss is the same however it is split into micro-batches (DAPO; TRL's
+    `num_items_in_batch`). Without it, each micro-batch is its own mean (TRL's "bnpo").
     """
     mask = mask.to(token_loss.dtype)
     if mode == "token-mean":
-        if token_count is None:
-            return masked_mean(token_loss, mask)
-        if float(token_count) <= 0:
-            raise ValueError(f"token_count={float(token_count)} must be positive: it is the step's number of response tokens")
-        return (token_loss * mask).sum() / token_count
-    if token_count is not None:
-        raise ValueError(f"token_count is the divisor of token-mean aggregation; loss aggregation {mode!r} does not use it")
-    per_sequence = (token_loss * mask).sum(-1)
-    if mode == "seq-mean-token-mean":
-        return (per_sequence / mask.sum(-1).clamp(min=1)).mean()
-    if mode == "seq-mean-token-sum-norm":
-        return (per_sequence / (norm or token_loss.shape[-1])).mean()
-    raise ValueError(f"loss aggregation {mode!r} is not known; use one of {', '.join(AGGREGATIONS)}")
+        mean = masked_mean(token_loss, mask)
+    elif mode == "seq-mean-token-mean":
+        mean = ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif mode == "seq-mean-token-sum-norm":
+        mean = ((token_loss * mask).sum(-1) / (norm or token_loss.shape[-1])).mean()
+    else:
+        raise ValueError(f"loss aggregation {mode!r} is not known; use one of {', '.join(AGGREGATIONS)}")
+    if units is None:
+        return mean
+    if float(units) < 0:
+        raise ValueError(f"units={float(units)} must not be negative: it is the minibatch's number of tokens or sequences")
+    # a minibatch with no trained token (all truncated and masked) gives a zero loss
+    return mean * (loss_units(mask, mode) / max(float(units), 1e-12))
+
+
+def scheduled_lr(lr: float, warmup_steps: int, decay: str, steps: int, step: int) -> float:
+    """The learning rate at step `step` (0-based): linear warm-up, then constant or a linear decay to 0."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay == "linear":
+        warm *= max(0.0, 1.0 - step / max(1, steps))
+    return lr * warm
+
+
+def loss_units(mask: torch.Tensor, mode: str) -> float:
+    """What `aggregate_loss` averages over in `mask`'s rows: tokens (token-mean) or sequences."""
+    return float(mask.sum()) if mode == "token-mean" else float(mask.shape[0])
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -217,18 +234,27 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_kl: float | None = None) -> torch.Tensor:
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy.
 
     Written as expm1(d) - d: in float32, exp(d) - 1 cancels to 0 for small d. The
     estimate grows like exp(d) on a sampled token the policy has learned to avoid but the
     reference likes (d = 8 gives about 2,970), so a single such token can swamp a
-    batch's loss; `max_kl` caps each token's estimate there (its gradient is then 0), as
-    verl's "low_var_kl" does at 10.
+    batch's loss; `kl_estimate` caps each token's estimate there (its gradient is then 0),
+    as verl's "low_var_kl" does at 10.
     """
     d = ref_logprobs - logprobs
-    kl = torch.expm1(d) - d
-    return kl if max_kl is None else kl.clamp(max=max_kl)
+    return torch.expm1(d) - d
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3", max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token KL(policy || reference) by the named estimator, each token's estimate within [-max_kl, max_kl]."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"KL estimator {estimator!r} is not known; use one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs).clamp(min=-max_kl, max=max_kl)
 
 
 def importance_weighted_kl(token_kl: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -273,3 +299,170 @@ class AdaptiveKLController:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n_steps / self.horizon
         return self.coef
+
+
+# -- registries: an estimator or a loss is one function, looked up by the name a recipe gives --
+
+
+@dataclass(frozen=True)
+class AdvantageInput:
+    """What an advantage estimator may use: one step's batch, N responses padded to T tokens.
+
+    `rewards` are the responses' total rewards ([N], grouped by prompt, `group_size` each);
+    `mask` marks the tokens the loss trains ([N, T]) and `every` all response tokens,
+    inserted tool results included. `token_kl` ([N, T]), when given, is subtracted from the
+    reward times `kl_coef` (KL in reward mode): summed per sequence for the GRPO family, per
+    token for GAE. `values` are the critic's ([N, T]); GAE needs them.
+    """
+
+    rewards: torch.Tensor
+    group_size: int
+    mask: torch.Tensor
+    every: torch.Tensor
+    scale_rewards: str = "group"  # group advantages: "group", "batch" or "none"
+    token_kl: torch.Tensor | None = None
+    kl_coef: float = 0.0
+    values: torch.Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """Per sequence ([N]; the GRPO family) or per token ([N, T]; GAE), and GAE's value targets."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+
+
+AdvantageEstimator = Callable[[AdvantageInput], Advantages]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Register an advantage estimator under `name` (the value of `rl.advantage`; "gae" is PPO's)."""
+
+    def add(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+def compute_advantages(estimator: str, batch: AdvantageInput) -> Advantages:
+    """The advantages of one step by the named estimator (group, rloo, reinforce++ or gae)."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator {estimator!r} is not known; use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](batch)
+
+
+def _sequence_rewards(batch: AdvantageInput) -> torch.Tensor:
+    """Each response's reward, less its summed KL penalty in reward mode."""
+    if batch.token_kl is None:
+        return batch.rewards.clone()
+    return batch.rewards - batch.kl_coef * batch.token_kl.sum(-1)
+
+
+@register_advantage("group")
+def _group(batch: AdvantageInput) -> Advantages:
+    scale = batch.scale_rewards != "none"
+    scope = "batch" if batch.scale_rewards == "batch" else "group"
+    return Advantages(group_normalized_advantages(_sequence_rewards(batch), batch.group_size, scale=scale, std_scope=scope))
+
+
+@register_advantage("rloo")
+def _rloo(batch: AdvantageInput) -> Advantages:
+    return Advantages(rloo_advantages(_sequence_rewards(batch), batch.group_size))
+
+
+@register_advantage("reinforce++")
+def _reinforce_pp(batch: AdvantageInput) -> Advantages:
+    return Advantages(batch_normalized_advantages(_sequence_rewards(batch)))
+
+
+@register_advantage("gae")
+def _gae(batch: AdvantageInput) -> Advantages:
+    """PPO: the reward on each response's last trained token (less a per-token KL penalty),
+    GAE with the critic's values, then whitened over the batch's trained tokens."""
+    if batch.values is None:
+        raise ValueError("GAE advantages need the critic's values (rl.algorithm=ppo builds a critic)")
+    mask = batch.mask
+    N, T = mask.shape
+    token_rewards = torch.zeros(N, T, device=mask.device)
+    last = (mask * torch.arange(1, T + 1, device=mask.device)).argmax(-1)  # each response's last trained token
+    token_rewards[torch.arange(N, device=mask.device), last] = batch.rewards
+    if batch.token_kl is not None:
+        token_rewards = token_rewards - batch.kl_coef * batch.token_kl
+    # GAE runs through inserted tool results (the reward reaches the tokens before them); they train nothing
+    advantages, returns = gae_advantages(token_rewards, batch.values, batch.every, batch.gamma, batch.lam)
+    mean = masked_mean(advantages, mask)
+    var = masked_mean((advantages - mean) ** 2, mask)
+    return Advantages((advantages - mean) * torch.rsqrt(var + 1e-8) * mask, returns)
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A policy loss per token ([B, T], not yet aggregated), the log-ratio that weights an
+    importance-weighted KL ([B, T] or [B, 1]), and the fractions clipped and dual-clipped."""
+
+    token_loss: torch.Tensor
+    log_ratio: torch.Tensor
+    clip_frac: torch.Tensor
+    dual_frac: torch.Tensor
+
+
+PolicyLossFn = Callable[..., PolicyLoss]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+# old spellings still accepted, with the name to use instead
+POLICY_LOSS_ALIASES = {"ppo": "clip"}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register a policy loss under `name` (the value of `loss.policy`).
+
+    The function takes (logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+    ratio_max), advantages per sequence ([B]) or per token ([B, T]), and returns a `PolicyLoss`.
+    """
+
+    def add(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered twice")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def policy_loss(
+    name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_low: float, clip_high: float | None = None, ratio_max: float | None = None,
+) -> PolicyLoss:
+    """The named policy loss of one micro-batch."""
+    name = POLICY_LOSS_ALIASES.get(name, name)
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss {name!r} is not known; use one of {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name](logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max)
+
+
+@register_policy_loss("clip")
+def _token_clip(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max) -> PolicyLoss:
+    """PPO's clipped surrogate on each token's ratio (GRPO, DAPO)."""
+    token_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high, ratio_max)
+    log_ratio = logprobs - old_logprobs
+    token_adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    dual = dual_clipped(log_ratio.detach().exp(), token_adv, ratio_max)
+    return PolicyLoss(token_loss, log_ratio, masked_mean(clipped.float(), mask), masked_mean(dual.float(), mask))
+
+
+@register_policy_loss("gspo")
+def _sequence_clip(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max) -> PolicyLoss:
+    """GSPO: the clipped surrogate on each sequence's ratio; per-token advantages (GAE) are
+    averaged over each sequence's trained tokens."""
+    if advantages.dim() == 2:
+        advantages = advantages.sum(-1) / mask.sum(-1).clamp(min=1)
+    token_loss, clipped = gspo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max)
+    log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask).unsqueeze(-1)
+    dual = dual_clipped(log_ratio.detach().exp().squeeze(-1), advantages, ratio_max)
+    return PolicyLoss(token_loss, log_ratio, clipped.float().mean(), dual.float().mean())

@@ -116,6 +116,13 @@ def save_base(policy: Policy, run_dir: Path) -> Path:
     return _write_atomically(Path(run_dir) / "checkpoints" / "base", lambda d: save_policy(policy, d))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: a run starts from `run.seed` alone."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -13,17 +13,16 @@ class UsageError(ValueError):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import Recipe, check_recipe
+    from .config import Recipe, RecipeCheckError
     from .recipe import load_recipe, resolve_recipe_path
     from .runner import train
 
     path = resolve_recipe_path(args.recipe)
     recipe = load_recipe(path, args.overrides, Recipe)
     try:
-        check_recipe(recipe)
-    except ValueError as e:
+        train(recipe, path.stem, force=args.force)  # checks the recipe before anything runs
+    except RecipeCheckError as e:
         raise UsageError(f"{path}: {e}") from None
-    train(recipe, path.stem, force=args.force)
     return 0
 
 

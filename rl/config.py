@@ -5,6 +5,7 @@ Recipes are omegaconf YAML validated against `Recipe` (see `vocalign.rl.recipe`)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,7 +130,9 @@ class RLConfig:
 
 @dataclass
 class LossConfig:
-    policy: Literal["ppo", "gspo"] = "ppo"  # ppo: token-level clipped ratio (GRPO, DAPO); gspo: sequence-level ratio
+    # clip: PPO's clipped surrogate on each token's ratio (GRPO, DAPO); gspo: on each sequence's ratio.
+    # "ppo" is the old name of "clip" (it also named rl.algorithm=ppo, the critic and GAE): still read, with a warning.
+    policy: Literal["clip", "gspo", "ppo"] = "clip"
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2  # DAPO's clip-higher: e.g. 0.28
@@ -216,10 +219,35 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+class RecipeCheckError(ValueError):
+    """A recipe whose values do not fit together, found by `check_recipe` before anything runs."""
+
+
 def check_recipe(recipe: Recipe) -> None:
-    """Checks across keys that types alone cannot express; run before any work starts."""
+    """Checks across keys that types alone cannot express; run once, by `runner.train`, before any work starts.
+
+    Old spellings are rewritten to the current ones here, with a warning (`loss.policy=ppo` -> `clip`).
+    """
     from vocalign.rewards import check_rewards
 
+    if recipe.loss.policy == "ppo":
+        warnings.warn("loss.policy=ppo is now called loss.policy=clip (the token-level clipped ratio); 'ppo' still "
+                      "works but will be removed: write clip", FutureWarning, stacklevel=2)
+        recipe.loss.policy = "clip"
+    problems = _cross_key_problems(recipe)
+    problems += _eval_problems(recipe.eval)
+    problems += _value_problems(recipe)
+    if recipe.kind == "reward_model":
+        problems += reward_model_problems(recipe.reward_model)
+    if problems:
+        raise RecipeCheckError("recipe problems:\n  " + "\n  ".join(problems))
+    try:
+        check_rewards(recipe.rewards)
+    except ValueError as error:
+        raise RecipeCheckError(str(error)) from error
+
+
+def _cross_key_problems(recipe: Recipe) -> list[str]:
     problems = []
     rl = recipe.rl
     if recipe.model.detokenizer is not None and recipe.model.path is None:
@@ -253,13 +281,7 @@ def check_recipe(recipe: Recipe) -> None:
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
-    problems += _eval_problems(recipe.eval)
-    problems += _value_problems(recipe)
-    if recipe.kind == "reward_model":
-        problems += reward_model_problems(recipe.reward_model)
-    if problems:
-        raise ValueError("recipe problems:\n  " + "\n  ".join(problems))
-    check_rewards(recipe.rewards)
+    return problems
 
 
 def _eval_problems(cfg: EvalConfig) -> list[str]:
@@ -324,7 +346,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
 
 def _tool_problems(ro: RolloutConfig) -> list[str]:
     """Every enabled tool is known, and every option set for a tool is one it takes."""
-    from vocalign.rollouts.tools import get_tool
+    from vocalign.tools import get_tool
 
     problems = []
     for name in ro.tools:

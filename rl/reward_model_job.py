@@ -15,13 +15,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vocalign.rewards.preference_data import held_out_pairs, preference_pairs
+from vocalign.rewards.training.preference_data import held_out_pairs, preference_pairs
 from vocalign.rewards.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
 
-from .config import Recipe, check_recipe
+from .checkpoint import seed_everything
+from .config import Recipe
 from .recipe import to_dict
-from .run_folder import RunFolderError, claim, mark_failed
-from .runner import run_folder, seed_everything
+from .run_folder import RunFolderError, claim, mark_failed, new_run_folder
 from .tracking import RunTracker, read_metrics
 
 MODEL_FOLDER = "reward_model"
@@ -30,11 +30,11 @@ MODEL_FOLDER = "reward_model"
 def train_reward_model_job(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
     """Train the recipe's reward model, save it in the run folder and report held-out accuracy; returns the run folder.
 
+    `vocalign.rl.runner.train` checks the recipe and then calls this for `kind: reward_model`.
     An existing run in the folder is refused unless `force` (see `vocalign.rl.run_folder`);
     a reward-model run has no checkpoints, so it cannot resume."""
-    check_recipe(recipe)
     seed_everything(recipe.run.seed)
-    run_dir = run_folder(recipe, recipe_name)
+    run_dir = new_run_folder(recipe.run.output_dir, recipe.run.name or recipe_name)
     if recipe.run.resume:
         raise RunFolderError("run.resume=true: a reward-model run saves no checkpoints to continue from; run it again "
                              "in a new run.output_dir (or add --force to replace the old one)")

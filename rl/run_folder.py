@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 from .checkpoint import CheckpointError, checkpoints, intact_checkpoint
@@ -26,6 +27,13 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "r
 
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked: the message says why and what to do."""
+
+
+def new_run_folder(output_dir: str | None, name: str) -> Path:
+    """`run.output_dir` when set, else runs/<name>-<date-time>."""
+    if output_dir:
+        return Path(output_dir)
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_files(run_dir: Path) -> list[str]:

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from vocalign.data.types import Prompt
 from vocalign.model.policy import Policy
 
-from .algorithms import masked_mean
+from .algorithms import masked_mean, scheduled_lr
 from .allocator import keep_freed_memory
+from .backends import TorchBackend
 
 
 def target_ids(policy: Policy, prompt: Prompt) -> list[int]:
@@ -28,7 +28,7 @@ def target_ids(policy: Policy, prompt: Prompt) -> list[int]:
 
 
 class SFTTrainer:
-    """One optimiser step per call on a random batch of prompts with targets."""
+    """One optimiser step per call on a random batch of prompts with targets (AdamW through `TorchBackend`)."""
 
     def __init__(self, policy: Policy, prompts: list[Prompt], batch_size: int, lr: float, warmup_steps: int,
                  grad_clip: float, seed: int) -> None:
@@ -37,8 +37,8 @@ class SFTTrainer:
         self.policy, self.prompts, self.batch_size = policy, prompts, batch_size
         keep_freed_memory()  # see rl/allocator.py
         self.targets = [target_ids(policy, p) for p in prompts]
-        self.lr, self.warmup, self.grad_clip = lr, warmup_steps, grad_clip
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=lr, weight_decay=0.0)
+        self.lr, self.warmup = lr, warmup_steps
+        self.backend = TorchBackend(policy.model, lr, grad_clip)
         self.rng = np.random.default_rng(seed)
 
     def step(self, step: int) -> dict[str, float]:
@@ -48,19 +48,17 @@ class SFTTrainer:
         batch = self.policy.encode_prompts(prompts, train_encoder=True)
         seq = self.policy.sequences(batch.ids, [self.targets[i] for i in idx], batch.encoded)
         loss = -masked_mean(self.policy.logprobs(seq), seq.response_mask)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * min(1.0, (step + 1) / max(1, self.warmup))
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.grad_clip)
-        self.optimizer.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"]}
+        lr = scheduled_lr(self.lr, self.warmup, "constant", 0, step)
+        self.backend.set_lr(lr)
+        self.backend.backward(loss)
+        grad_norm = self.backend.step()
+        return {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr}
 
     # -- checkpoint state: the optimiser and where the batch sampler is ------------------
     def save(self, folder: Path) -> None:
-        torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+        self.backend.save(folder)
         (Path(folder) / "sft_sampler.json").write_text(json.dumps(self.rng.bit_generator.state))
 
     def load(self, folder: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+        self.backend.load(folder)
         self.rng.bit_generator.state = json.loads((Path(folder) / "sft_sampler.json").read_text())

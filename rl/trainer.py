@@ -1,23 +1,27 @@
-"""The RL trainer: the GRPO family and PPO with a critic, one readable step.
+"""The RL trainer: the GRPO family and PPO with a critic, one step as named phases.
 
-One step:
-  1. rollouts: `group_size` responses to each of `prompts_per_step` prompts;
-  2. rewards: every reward component, summed by weight; with dynamic sampling (DAPO),
-     groups whose rewards are all equal are dropped and refilled from later prompts;
-  3. advantages: GRPO family from the rewards of each group (group / RLOO /
-     REINFORCE++); PPO from the critic's values by GAE. A KL to the reference is
-     either subtracted from the reward here or added to the loss below;
-  4. update: `epochs` passes over the batch in `minibatches` optimiser steps, each
-     accumulated over `grad_accum` micro-batches. The loss covers only tokens the
-     policy produced (prompt and padding masked, truncated responses too if asked),
-     with audio tokens weighted by `loss.audio_token_weight`;
-  5. weight sync to the rollout worker, stamped with a new version.
+`RLTrainer.step` reads top to bottom:
+  collect      `group_size` responses to each of `prompts_per_step` prompts, scored by every
+               reward component (with dynamic sampling, groups whose rewards all tie are
+               dropped and refilled from later prompts);
+  check        every rollout comes from the weights last synced;
+  batch        the rollouts as padded tensors (`StepBatch`), prompts encoded once;
+  reference    no-grad passes: the reference's log-probs (KL) and the critic's values (PPO);
+  advantages   `algorithms.compute_advantages` by the recipe's estimator;
+  update       `epochs` passes in `minibatches` optimiser steps, each accumulated over
+               `grad_accum` micro-batches (`MicroBatch`); the loss is
+               `algorithms.policy_loss` over the tokens the policy produced;
+  sync         the new weights to the rollout source, stamped with a new version, verified.
+The maths lives in `algorithms.py`; this file only moves tensors between the phases.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +31,14 @@ from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling, SequenceBatch
 from vocalign.rewards import RewardSpec, score
 from vocalign.rewards.workers import RewardWorkers
+from vocalign.rollouts.contract import RolloutSource
 from vocalign.rollouts.sync import state_checksum
-from vocalign.rollouts.worker import RolloutWorker
 
 from . import algorithms as alg
 from .allocator import keep_freed_memory
 from .backends import make_backend
 from .config import KLConfig, LossConfig, RLConfig
 from .critic import ValueModel, value_loss
-
-KL_ESTIMATORS = {"k1": alg.kl_k1, "k2": alg.kl_k2, "k3": alg.kl_k3}
-
-
-def scheduled_lr(lr: float, warmup_steps: int, decay: str, steps: int, step: int) -> float:
-    """The learning rate at RL step `step` (0-based): linear warm-up, then constant or a linear decay to 0."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
-    if decay == "linear":
-        warm *= max(0.0, 1.0 - step / max(1, steps))
-    return lr * warm
-
 
 class PromptCursor:
     """The RL prompts in a seeded order, taken in turn; its position is saved in checkpoints."""
@@ -63,16 +56,69 @@ class PromptCursor:
         return picked
 
 
-def kl_estimate(config: KLConfig, logprobs: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    kl = KL_ESTIMATORS[config.estimator](logprobs, ref)
-    return kl.clamp(min=-config.max, max=config.max)
+class PhaseTimer:
+    """Seconds spent in each named phase of a step: `with timer("update"): ...`."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_s": s for phase, s in self.seconds.items()}
+
+
+@dataclass
+class StepBatch:
+    """One step's rollouts as tensors ([N, T], on the policy's device), filled phase by phase."""
+
+    rollouts: list[Rollout]
+    encoded: dict[str, list[torch.Tensor]]  # each prompt's audio features, by prompt id
+    produced: list[list[float]]  # per rollout: 1 for the tokens the policy generated, 0 for inserted tool results
+    mask: torch.Tensor  # the tokens the loss trains
+    every: torch.Tensor  # every response token, inserted tool results included
+    old_logprobs: torch.Tensor
+    totals: torch.Tensor  # [N] total rewards
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    token_kl: torch.Tensor | None = None  # KL estimate per sampled token, against the reference
+    advantages: torch.Tensor | None = None  # [N] (GRPO family) or [N, T] (PPO)
+    returns: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rollouts)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows of one micro-batch, with its minibatch's loss units and token count (the divisors
+    that make a minibatch's loss and statistics independent of how it is split)."""
+
+    rows: list[int]
+    units: float
+    tokens: float
 
 
 class RLTrainer:
     """GRPO family (`rl.algorithm: grpo`) or PPO with a critic (`ppo`)."""
 
     def __init__(
-        self, policy: Policy, worker: RolloutWorker, rewards: list[RewardSpec], config: RLConfig, loss: LossConfig,
+        self, policy: Policy, worker: RolloutSource, rewards: list[RewardSpec], config: RLConfig, loss: LossConfig,
         kl: KLConfig, seed: int, reward_workers: RewardWorkers | None = None, critic: ValueModel | None = None,
         async_generation: bool = False,
     ) -> None:
@@ -97,8 +143,6 @@ class RLTrainer:
         self.last_samples: tuple[list[Rollout], Any] | None = None
         # one step off-policy: the next step's rollouts are generated while this step updates
         self.async_generation = async_generation
-        if async_generation and not hasattr(worker, "generate_async"):
-            raise ValueError("rollouts.async_generation needs rollout workers (rollouts.num_workers >= 1)")
         self._pending: Any = None
 
     @property
@@ -131,16 +175,22 @@ class RLTrainer:
     def close(self) -> None:
         """Release the backends (DeepSpeed engines and their process-wide changes)."""
         for backend in (self.backend, self.critic_backend):
-            if backend is not None and hasattr(backend, "close"):
+            if backend is not None:
                 backend.close()
 
     # -- the step ------------------------------------------------------------------------
     def _seed(self, step: int, round_: int) -> int:
         return self.seed * 1_000_003 + step + 100_003 * round_
 
-    def _rollout_round(self, prompts: list[Prompt], step: int, round_: int, timing: dict[str, float],
+    def _rollout_round(self, prompts: list[Prompt], step: int, round_: int, timer: PhaseTimer,
                        cursor: PromptCursor | None = None) -> tuple[list[Rollout], Any]:
-        t0 = time.perf_counter()
+        with timer("rollout"):
+            rollouts = self._generate(prompts, step, round_, cursor)
+        with timer("reward"):
+            scores = score(rollouts, self.rewards, self.reward_workers)
+        return rollouts, scores
+
+    def _generate(self, prompts: list[Prompt], step: int, round_: int, cursor: PromptCursor | None) -> list[Rollout]:
         if round_ == 0 and self._pending is not None:  # generated during the last update (one version behind)
             rollouts, self._pending = self.worker.collect(self._pending), None
         else:
@@ -151,18 +201,13 @@ class RLTrainer:
             self._pending = self.worker.generate_async(
                 cursor.take(self.config.prompts_per_step), self.config.group_size, self.sampling, seed=self._seed(step + 1, 0)
             )
-        t1 = time.perf_counter()
-        scores = score(rollouts, self.rewards, self.reward_workers)
-        timing["time/rollout_s"] += t1 - t0
-        timing["time/reward_s"] += time.perf_counter() - t1
-        return rollouts, scores
+        return rollouts
 
-    def _collect(self, cursor: PromptCursor, step: int) -> tuple[list[Rollout], torch.Tensor, dict[str, float], dict[str, float]]:
+    def _collect(self, cursor: PromptCursor, step: int, timer: PhaseTimer) -> tuple[list[Rollout], torch.Tensor, dict[str, float]]:
         """Rollouts and their total rewards; with dynamic sampling, only groups whose rewards differ."""
         cfg, G = self.config, self.config.group_size
-        timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
         prompts = [] if self._pending is not None else cursor.take(cfg.prompts_per_step)
-        rollouts, scores = self._rollout_round(prompts, step, 0, timing, cursor)
+        rollouts, scores = self._rollout_round(prompts, step, 0, timer, cursor)
         self.last_samples = (rollouts, scores)  # the first round as scored, for sample tables
         reward_metrics = scores.metrics()
         totals = torch.tensor(scores.total, dtype=torch.float32)
@@ -173,7 +218,7 @@ class RLTrainer:
             for round_ in range(cfg.dynamic_sampling_tries + 1):
                 if round_:
                     need = cfg.prompts_per_step - len(kept_r) // G
-                    rollouts, scores = self._rollout_round(cursor.take(need), step, round_, timing)
+                    rollouts, scores = self._rollout_round(cursor.take(need), step, round_, timer)
                     totals = torch.tensor(scores.total, dtype=torch.float32)
                 groups = totals.view(-1, G)
                 varied = (groups.max(1).values - groups.min(1).values) > 1e-12
@@ -192,106 +237,115 @@ class RLTrainer:
             rollouts, totals = kept_r, torch.cat(kept_t)
             for k, r in enumerate(rollouts):
                 r.group = k // G
-        return rollouts, totals, {**reward_metrics, **extra}, timing
+        return rollouts, totals, {**reward_metrics, **extra}
 
-    def _sequences(self, rollouts: list[Rollout], rows: list[int], encoded: dict[str, list[torch.Tensor]]) -> SequenceBatch:
+    def _sequences(self, batch: StepBatch, rows: list[int]) -> SequenceBatch:
+        rollouts = batch.rollouts
         return self.policy.sequences(
             [rollouts[i].prompt_ids for i in rows], [rollouts[i].response_ids for i in rows],
-            [encoded[rollouts[i].prompt.id] for i in rows],
+            [batch.encoded[rollouts[i].prompt.id] for i in rows],
         )
 
-    def _padded(self, values: list[list[float]], rows: list[int], width: int) -> torch.Tensor:
-        out = torch.zeros(len(rows), width)
-        for k, i in enumerate(rows):
-            out[k, : len(values[i])] = torch.tensor(values[i])
-        return out
-
     def step(self, cursor: PromptCursor, step: int) -> tuple[dict[str, float], list[Rollout]]:
-        cfg, lc, kc = self.config, self.loss_cfg, self.kl_cfg
-        t_start = time.perf_counter()
-        rollouts, totals, metrics, timing = self._collect(cursor, step)
-        metrics.update(timing)
+        """One RL step: collect -> check versions -> batch tensors -> reference and values
+        -> advantages -> update -> sync -> metrics. Each phase is timed as `time/<phase>_s`."""
+        timer = PhaseTimer()
+        rollouts, totals, metrics = self._collect(cursor, step, timer)
+        self._check_versions(rollouts)
+        with timer("batch"):
+            batch = self._batch_tensors(rollouts, totals)
+        with timer("reference"):
+            self._reference_and_values(batch)
+        with timer("advantage"):
+            self._advantages(batch)
+        with timer("update"):
+            lr = self._set_learning_rates(step)
+            stats = self._update(batch, step)
+        with timer("sync"):
+            kl_coef_used, measured_kl = self._update_kl_coef(batch)
+            self.version += 1
+            sync = self._sync()
+        metrics.update(stats)
+        metrics.update(self._step_metrics(batch, kl_coef_used, measured_kl, lr, sync, timer))
+        return metrics, rollouts
+
+    # -- the phases -----------------------------------------------------------------------
+    def _check_versions(self, rollouts: list[Rollout]) -> None:
+        """Every rollout comes from the weights just synced (or the ones before, with async generation)."""
         allowed = 1 if self.async_generation else 0
         stale = sorted(v for v in {r.weight_version for r in rollouts} if not 0 <= self.version - v <= allowed)
-        if stale:  # every rollout from the weights just synced (or the ones before, with async generation)
+        if stale:
             raise RuntimeError(
                 f"rollouts generated with weight version(s) {stale} at trainer version {self.version} "
                 f"(allowed staleness {allowed}): a rollout worker did not take the last weight sync"
             )
-        metrics["rollouts/staleness"] = float(max(self.version - r.weight_version for r in rollouts))
-        t1 = time.perf_counter()
-        N = len(rollouts)
+
+    def _batch_tensors(self, rollouts: list[Rollout], totals: torch.Tensor) -> StepBatch:
+        """The step's rollouts as padded tensors on the policy's device, prompts encoded once."""
         # the audio encoder is frozen: encode this step's prompts once, in one batch
         unique = list({r.prompt.id: r.prompt for r in rollouts}.values())
         with self.backend.full_parameters():
             encoded = dict(zip([p.id for p in unique], self.policy.encode_prompts(unique).encoded))
-        R = max(len(r.response_ids) for r in rollouts)
+        width = max(len(r.response_ids) for r in rollouts)
         # tokens the policy produced: a multi-turn rollout's inserted tool results carry loss_mask 0
-        produced = [
-            [float(x) for x in r.loss_mask] if getattr(r, "loss_mask", None) is not None else [1.0] * len(r.response_ids)
-            for r in rollouts
-        ]
-        mask = self._padded(produced, list(range(N)), R)
-        every = self._padded([[1.0] * len(r.response_ids) for r in rollouts], list(range(N)), R)  # tool results too
-        old_logprobs = self._padded([r.logprobs for r in rollouts], list(range(N)), R)
-        if lc.mask_truncated:
-            truncated = torch.tensor([not r.finished for r in rollouts])
-            mask[truncated] = 0.0
+        produced = [[float(x) for x in r.loss_mask] if r.loss_mask is not None else [1.0] * len(r.response_ids)
+                    for r in rollouts]
+        mask = _padded(produced, width)
+        if self.loss_cfg.mask_truncated:
+            mask[torch.tensor([not r.finished for r in rollouts])] = 0.0
+        every = _padded([[1.0] * len(r.response_ids) for r in rollouts], width)  # tool results too
+        old_logprobs = _padded([r.logprobs for r in rollouts], width)
         # built on the CPU from Python lists; the policy's forward runs where its weights are
         device = self.policy.device
-        mask, every, old_logprobs, totals = (t.to(device) for t in (mask, every, old_logprobs, totals))
-        # -- no-grad passes: reference log-probs (KL) and the critic's values (PPO) --------
-        ref_logprobs = values = None
-        chunk = -(-N // (cfg.minibatches * cfg.grad_accum))
+        return StepBatch(rollouts, encoded, produced, mask.to(device), every.to(device), old_logprobs.to(device), totals.to(device))
+
+    def _reference_and_values(self, batch: StepBatch) -> None:
+        """No-grad passes: the reference's log-probs (KL) and the critic's values (PPO)."""
+        if not (self.kl_coef > 0 or self.critic is not None):
+            return
+        cfg, width = self.config, batch.width
+        ref_parts, value_parts = [], []
+        chunk = -(-batch.size // (cfg.minibatches * cfg.grad_accum))
         self.policy.model.eval()
-        if self.kl_coef > 0 or (self.critic is not None):
-            ref_parts, value_parts = [], []
-            with torch.no_grad(), self.backend.full_parameters():
-                for start in range(0, N, chunk):
-                    rows = list(range(start, min(N, start + chunk)))
-                    batch = self._sequences(rollouts, rows, encoded)
-                    if self.kl_coef > 0:
-                        with self.policy.reference() as ref:
-                            ref_parts.append(torch.nn.functional.pad(ref.logprobs(batch, cfg.temperature), (0, R - batch.response_mask.shape[1])))
-                    if self.critic is not None:
-                        self.critic.eval()
-                        value_parts.append(torch.nn.functional.pad(self.critic(batch), (0, R - batch.response_mask.shape[1])))
-            ref_logprobs = torch.cat(ref_parts) if ref_parts else None
-            values = torch.cat(value_parts) if value_parts else None
-        # -- advantages -------------------------------------------------------------------
-        token_kl = None
-        if ref_logprobs is not None:
-            token_kl = kl_estimate(kc, old_logprobs, ref_logprobs) * mask
-        rewards = totals.clone()
-        if kc.mode == "reward" and token_kl is not None and cfg.algorithm == "grpo":
-            rewards = rewards - self.kl_coef * token_kl.sum(-1)
-        returns = None
-        if cfg.algorithm == "ppo":
-            token_rewards = torch.zeros(N, R, device=device)
-            last = (mask * torch.arange(1, R + 1, device=device)).argmax(-1)  # each response's last trained token
-            token_rewards[torch.arange(N, device=device), last] = rewards
-            if kc.mode == "reward" and token_kl is not None:
-                token_rewards = token_rewards - self.kl_coef * token_kl
-            # GAE runs through inserted tool results (the reward reaches the tokens before them); they train nothing
-            advantages, returns = alg.gae_advantages(token_rewards, values, every, cfg.critic.gamma, cfg.critic.lam)
-            mean = alg.masked_mean(advantages, mask)
-            var = alg.masked_mean((advantages - mean) ** 2, mask)
-            advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask  # whitened over the batch's tokens
-        elif cfg.advantage == "group":
-            advantages = alg.group_normalized_advantages(
-                rewards, cfg.group_size, scale=cfg.scale_rewards != "none",
-                std_scope="batch" if cfg.scale_rewards == "batch" else "group",
-            )
-        elif cfg.advantage == "rloo":
-            advantages = alg.rloo_advantages(rewards, cfg.group_size)
-        else:
-            advantages = alg.batch_normalized_advantages(rewards)
-        t2 = time.perf_counter()
-        # -- update -------------------------------------------------------------------------
-        lr = scheduled_lr(cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps, step)
+        with torch.no_grad(), self.backend.full_parameters():
+            for start in range(0, batch.size, chunk):
+                seqs = self._sequences(batch, list(range(start, min(batch.size, start + chunk))))
+                pad = (0, width - seqs.response_mask.shape[1])
+                if self.kl_coef > 0:
+                    with self.policy.reference() as ref:
+                        ref_parts.append(torch.nn.functional.pad(ref.logprobs(seqs, cfg.temperature), pad))
+                if self.critic is not None:
+                    self.critic.eval()
+                    value_parts.append(torch.nn.functional.pad(self.critic(seqs), pad))
+        batch.ref_logprobs = torch.cat(ref_parts) if ref_parts else None
+        batch.values = torch.cat(value_parts) if value_parts else None
+        if batch.ref_logprobs is not None:
+            kc = self.kl_cfg
+            batch.token_kl = alg.kl_estimate(batch.old_logprobs, batch.ref_logprobs, kc.estimator, kc.max) * batch.mask
+
+    def _advantages(self, batch: StepBatch) -> None:
+        cfg = self.config
+        in_reward = self.kl_cfg.mode == "reward" and batch.token_kl is not None
+        estimator = "gae" if cfg.algorithm == "ppo" else cfg.advantage
+        result = alg.compute_advantages(estimator, alg.AdvantageInput(
+            batch.totals, cfg.group_size, batch.mask, batch.every, cfg.scale_rewards,
+            token_kl=batch.token_kl if in_reward else None, kl_coef=self.kl_coef,
+            values=batch.values, gamma=cfg.critic.gamma, lam=cfg.critic.lam,
+        ))
+        batch.advantages, batch.returns = result.advantages, result.returns
+
+    def _set_learning_rates(self, step: int) -> float:
+        cfg = self.config
+        lr = alg.scheduled_lr(cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps, step)
         self.backend.set_lr(lr)
         if self.critic_backend is not None:
-            self.critic_backend.set_lr(scheduled_lr(cfg.critic.lr, cfg.critic.warmup_steps, cfg.lr_decay, cfg.steps, step))
+            self.critic_backend.set_lr(alg.scheduled_lr(cfg.critic.lr, cfg.critic.warmup_steps, cfg.lr_decay, cfg.steps, step))
+        return lr
+
+    def _update(self, batch: StepBatch, step: int) -> dict[str, float]:
+        """`epochs` passes over the batch in `minibatches` optimiser steps of `grad_accum` micro-batches."""
+        cfg, N = self.config, batch.size
+        if self.critic is not None:
             self.critic.train()
         self.policy.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
@@ -300,120 +354,119 @@ class RLTrainer:
             order = torch.randperm(N, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
             for mb_start in range(0, N, mb_size):
                 mb_rows = order[mb_start : mb_start + mb_size]
-                units = (self._units(mask[mb_rows]), float(mask[mb_rows].sum()))
+                mb_mask = batch.mask[mb_rows]
                 micro = -(-len(mb_rows) // cfg.grad_accum)
                 parts: dict[str, float] = defaultdict(float)  # the minibatch's statistics, summed over its micro-batches
                 for m_start in range(0, len(mb_rows), micro):
                     rows = mb_rows[m_start : m_start + micro]
-                    self._micro_step(rollouts, rows, encoded, mask, old_logprobs, ref_logprobs, advantages, values, returns, units, parts)
+                    self._micro_step(batch, MicroBatch(rows, alg.loss_units(mb_mask, self.loss_cfg.aggregation), float(mb_mask.sum())), parts)
                 for key, value in parts.items():
                     stats[key].append(value)
                 stats["grad_norm"].append(self.backend.step())
                 if self.critic_backend is not None:
                     stats["critic/grad_norm"].append(self.critic_backend.step())
-        t3 = time.perf_counter()
-        # -- KL controller and weight sync ----------------------------------------------------
-        measured_kl = float((token_kl.sum() / mask.sum().clamp(min=1))) if token_kl is not None else 0.0
-        kl_coef_used = self.kl_coef
+        return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    def _update_kl_coef(self, batch: StepBatch) -> tuple[float, float]:
+        """(the KL coefficient this step used, the measured KL per token); then the controller's update."""
+        measured = float(batch.token_kl.sum() / batch.mask.sum().clamp(min=1)) if batch.token_kl is not None else 0.0
+        used = self.kl_coef
         if self.kl_coef > 0:
-            self.kl_coef = self.kl_controller.update(measured_kl, N)
-        self.version += 1
-        sync: dict[str, float] = {}
-        if self.worker.policy is self.policy:
-            self.worker.version = self.version  # in-process: the worker shares the trainer's weights
-        else:
-            # rollout workers hold replicas: send the trainable state (the adapter only under
-            # LoRA), then check every worker holds this version with this checksum
-            with self.backend.full_parameters():
-                state = self.policy.trainable_state()
-            sync = self.worker.load_weights(state, self.version) or {}
-            if hasattr(self.worker, "verify"):
-                self.worker.verify(self.version, state_checksum(state))
-        t4 = time.perf_counter()
-        # -- metrics ---------------------------------------------------------------------------
+            self.kl_coef = self.kl_controller.update(measured, batch.size)
+        return used, measured
+
+    def _sync(self) -> dict[str, float]:
+        """Give the rollout workers the new weights, stamped with the new version, and check they hold them."""
+        if self.worker.shares_weights(self.policy):
+            self.worker.version = self.version  # in-process: the worker generates with the trainer's weights
+            return {}
+        # replicas: send the trainable state (the adapter only under LoRA), then check every
+        # worker holds this version with this checksum
+        with self.backend.full_parameters():
+            state = self.policy.trainable_state()
+        sync = self.worker.sync(state, self.version)
+        self.worker.verify(self.version, state_checksum(state))
+        return sync
+
+    def _step_metrics(self, batch: StepBatch, kl_coef: float, kl: float, lr: float, sync: dict[str, float],
+                      timer: PhaseTimer) -> dict[str, float]:
+        rollouts, N = batch.rollouts, batch.size
         # tokens the policy generated (inserted tool results left out)
-        own = [[i for i, k in zip(r.response_ids, p) if k] for r, p in zip(rollouts, produced)]
-        text_tokens = [sum(1 for i in ids if not self.policy.tokenizer.is_audio(i)) for ids in own]
-        audio_tokens = [len(ids) - t for ids, t in zip(own, text_tokens)]
+        own = [[i for i, k in zip(r.response_ids, p) if k] for r, p in zip(rollouts, batch.produced)]
+        text_tokens = sum(sum(1 for i in ids if not self.policy.tokenizer.is_audio(i)) for ids in own)
         generated = sum(len(ids) for ids in own)
-        step_s = time.perf_counter() - t_start
-        metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
-        metrics.update({
-            "batch/reward_mean": float(totals.mean()),
-            "kl": measured_kl if token_kl is not None else float("nan"),
-            "kl_coef": kl_coef_used,
+        step_s = timer.total()
+        advantages = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand(-1, batch.width)
+        return {
+            "batch/reward_mean": float(batch.totals.mean()),
+            "kl": kl if batch.token_kl is not None else float("nan"),
+            "kl_coef": kl_coef,
             "lr": lr,
-            "advantage/mean": float(alg.masked_mean(advantages if advantages.dim() == 2 else advantages[:, None].expand(-1, R), mask)),
+            "advantage/mean": float(alg.masked_mean(advantages, batch.mask)),
             "response/tokens": generated / N,
-            "response/text_tokens": sum(text_tokens) / N,
-            "response/audio_tokens": sum(audio_tokens) / N,
+            "response/text_tokens": text_tokens / N,
+            "response/audio_tokens": (generated - text_tokens) / N,
             "response/speech_s": sum(r.speech_seconds for r in rollouts) / N,
             "response/finished": sum(r.finished for r in rollouts) / N,
             "response/samples": float(N),
-            "time/update_s": t3 - t2,
-            "time/sync_s": t4 - t3,
-            "time/advantage_s": t2 - t1,
+            **timer.metrics(),
             "sync/bytes": float(sync.get("bytes", 0.0)),
-            "rollouts/restarts": float(getattr(self.worker, "restarts", 0)),
+            "rollouts/staleness": float(max(self.version - 1 - r.weight_version for r in rollouts)),
+            "rollouts/restarts": float(self.worker.restarts),
             "throughput/tokens_per_s": generated / step_s,
             "throughput/samples_per_s": N / step_s,
-        })
-        return metrics, rollouts
+        }
 
-    def _units(self, mask: torch.Tensor) -> float:
-        """How many units a minibatch's loss is averaged over: tokens (token-mean) or sequences."""
-        return float(mask.sum()) if self.loss_cfg.aggregation == "token-mean" else float(mask.shape[0])
-
-    def _micro_step(self, rollouts, rows, encoded, mask, old_logprobs, ref_logprobs, advantages, values, returns, units, stats) -> None:
-        cfg, lc, kc = self.config, self.loss_cfg, self.kl_cfg
-        units, mb_tokens = units
-        batch = self._sequences(rollouts, rows, encoded)
-        T = batch.response_mask.shape[1]
-        m, old = mask[rows][:, :T], old_logprobs[rows][:, :T]
-        logprobs, entropy = self.policy.logprobs_and_entropy(batch, cfg.temperature)
-        adv = advantages[rows]
-        if lc.policy == "gspo":
-            adv_seq = adv if adv.dim() == 1 else adv.sum(-1) / m.sum(-1).clamp(min=1)
-            token_loss, clipped = alg.gspo_policy_loss(logprobs, old, adv_seq, m, lc.clip_low, lc.clip_high, lc.ratio_max)
-            clip_frac = clipped.float().mean()
-            log_ratio = alg.sequence_log_ratio(logprobs, old, m).unsqueeze(-1)
-            dual_frac = alg.dual_clipped(log_ratio.detach().exp().squeeze(-1), adv_seq, lc.ratio_max).float().mean()
-        else:
-            adv = adv if adv.dim() == 1 else adv[:, :T]  # per sequence (GRPO family) or per token (PPO)
-            token_loss, clipped = alg.clipped_policy_loss(logprobs, old, adv, lc.clip_low, lc.clip_high, lc.ratio_max)
-            clip_frac = alg.masked_mean(clipped.float(), m)
-            log_ratio = logprobs - old
-            token_adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-            dual_frac = alg.masked_mean(alg.dual_clipped(log_ratio.detach().exp(), token_adv, lc.ratio_max).float(), m)
+    def _micro_step(self, batch: StepBatch, micro: MicroBatch, stats: dict[str, float]) -> None:
+        """Forward and backward of one micro-batch; its statistics added to `stats` as its share of the minibatch's."""
+        cfg, lc, kc, rows = self.config, self.loss_cfg, self.kl_cfg, micro.rows
+        seqs = self._sequences(batch, rows)
+        T = seqs.response_mask.shape[1]
+        m, old = batch.mask[rows][:, :T], batch.old_logprobs[rows][:, :T]
+        logprobs, entropy = self.policy.logprobs_and_entropy(seqs, cfg.temperature)
+        adv = batch.advantages[rows]
+        adv = adv if adv.dim() == 1 else adv[:, :T]  # per sequence (GRPO family) or per token (PPO)
+        loss_out = alg.policy_loss(lc.policy, logprobs, old, adv, m, lc.clip_low, lc.clip_high, lc.ratio_max)
+        token_loss = loss_out.token_loss
         if self.kl_coef > 0 and kc.mode == "loss":
-            token_kl = kl_estimate(kc, logprobs, ref_logprobs[rows][:, :T])
+            token_kl = alg.kl_estimate(logprobs, batch.ref_logprobs[rows][:, :T], kc.estimator, kc.max)
             if kc.importance_weighted:
-                token_kl = alg.importance_weighted_kl(token_kl, log_ratio)
+                token_kl = alg.importance_weighted_kl(token_kl, loss_out.log_ratio)
             token_loss = token_loss + self.kl_coef * token_kl
-        weights = m
         if lc.audio_token_weight != 1.0:
-            weights = m * (1.0 + (lc.audio_token_weight - 1.0) * self.policy.audio_token_mask(batch))
-        token_loss = token_loss * weights
-        loss = alg.aggregate_loss(token_loss, m, lc.aggregation, norm=cfg.max_new_tokens)
-        loss = loss * (self._units(m) / max(units, 1e-12))  # the minibatch's mean, whatever the micro-batch split
+            token_loss = token_loss * (1.0 + (lc.audio_token_weight - 1.0) * self.policy.audio_token_mask(seqs))
+        # the minibatch's mean, whatever the micro-batch split
+        loss = alg.aggregate_loss(token_loss * m, m, lc.aggregation, norm=cfg.max_new_tokens, units=micro.units)
         self.backend.backward(loss)
         # each statistic as this micro-batch's share of the minibatch's value: the minibatch's
         # statistics are then the sums over its micro-batches, whatever the split
-        share = float(m.sum()) / max(mb_tokens, 1e-12)
+        share = float(m.sum()) / max(micro.tokens, 1e-12)
         with torch.no_grad():
             log_ratio = logprobs.detach() - old
             stats["loss"] += float(loss)  # already scaled to its share of the minibatch's loss
-            stats["clip_frac"] += float(clip_frac) * share
+            stats["clip_frac"] += float(loss_out.clip_frac) * share
             if lc.ratio_max is not None:
-                stats["clip_frac/dual"] += float(dual_frac) * share
+                stats["clip_frac/dual"] += float(loss_out.dual_frac) * share
             stats["entropy"] += float(alg.masked_mean(entropy, m)) * share
             stats["approx_kl"] += float(alg.masked_mean(torch.expm1(log_ratio) - log_ratio, m)) * share
             stats["neg_logprob"] += float(-alg.masked_mean(logprobs.detach(), m)) * share
         if self.critic is not None:
-            v = self.critic(batch)
-            vloss, vclipped = value_loss(v, values[rows][:, :T], returns[rows][:, :T], m, cfg.critic.value_clip)
-            # token-mean over the minibatch, whatever the micro-batch split
-            self.critic_backend.backward(vloss.sum() / max(mb_tokens, 1e-12))
-            stats["critic/value_loss"] += float(alg.masked_mean(vloss.detach(), m)) * share
-            stats["critic/clip_frac"] += float(alg.masked_mean(vclipped.float(), m)) * share
-            stats["critic/value_mean"] += float(alg.masked_mean(v.detach(), m)) * share
+            self._critic_micro_step(seqs, batch, rows, m, micro.tokens, share, stats)
+
+    def _critic_micro_step(self, seqs: SequenceBatch, batch: StepBatch, rows: list[int], m: torch.Tensor,
+                           mb_tokens: float, share: float, stats: dict[str, float]) -> None:
+        T = m.shape[1]
+        v = self.critic(seqs)
+        vloss, vclipped = value_loss(v, batch.values[rows][:, :T], batch.returns[rows][:, :T], m, self.config.critic.value_clip)
+        # token-mean over the minibatch, whatever the micro-batch split
+        self.critic_backend.backward(vloss.sum() / max(mb_tokens, 1e-12))
+        stats["critic/value_loss"] += float(alg.masked_mean(vloss.detach(), m)) * share
+        stats["critic/clip_frac"] += float(alg.masked_mean(vclipped.float(), m)) * share
+        stats["critic/value_mean"] += float(alg.masked_mean(v.detach(), m)) * share
+
+
+def _padded(values: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(values), width)
+    for k, row in enumerate(values):
+        out[k, : len(row)] = torch.tensor(row)
+    return out

@@ -1,8 +1,7 @@
 """A group of rollout workers on Ray: sharded generation, verified weight sync, restarts.
 
-`RolloutGroup` has the in-process worker's contract (`generate(prompts, n, sampling,
-seed)`, `load_weights(state, version)`, `version`, `policy`), so the trainer drives N
-Ray actors exactly as it drives one `RolloutWorker`:
+`RolloutGroup` is a `RolloutSource` (rollouts/contract.py), as the in-process
+`RolloutWorker` is, so the trainer drives N Ray actors exactly as it drives one worker:
 
 - generate: the prompts are split into contiguous shards, one per worker; each worker
   generates its shard and the shards are gathered back in order. Sampling is seeded per
@@ -23,22 +22,22 @@ Placement: on CPU each actor simply reserves `cpus_per_worker`. With GPUs
 bundle per worker (PACK by default: as few nodes as possible; SPREAD: across nodes), so
 the group starts whole or not at all and a restarted worker returns to its bundle.
 `placement` names the strategy explicitly (it also applies on CPU).
-
-`num_workers=0` is the in-process mode: one `RolloutWorker` sharing the trainer's policy.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from vocalign.common.ray_cluster import ensure_ray, shard_bounds, task_error_cause
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
 
+from .contract import PendingRollouts
 from .sync import WeightSyncError, snapshot_policy, state_bytes
-from .worker import RolloutActor, RolloutWorker
+from .worker import RolloutActor
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -60,31 +59,6 @@ class _Call:
     deadline: float = 0.0
 
 
-@dataclass
-class PendingRollouts:
-    """Rollouts being generated: returned by `generate_async`, redeemed by `collect`."""
-
-    prompts: list[Prompt]
-    n: int
-    version: int  # the weight version the rollouts are generated with
-    starts: list[int]  # index of each shard's first prompt
-    calls: list[_Call] = field(default_factory=list)
-    local: list[Rollout] | None = None  # in-process mode: generated already
-
-
-def shard_bounds(count: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges splitting `count` items over at most `parts` workers,
-    sizes differing by at most one (the first ones larger); no empty range."""
-    parts = max(1, min(parts, count))
-    base, extra = divmod(count, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 class RolloutGroup:
     """`num_workers` rollout workers as Ray actors (0: one in-process worker); a context manager.
 
@@ -104,7 +78,8 @@ class RolloutGroup:
         startup_timeout_s: float = 300.0, tools: list[str] | tuple[str, ...] = (), max_turns: int = 2,
         tool_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        _check(num_workers >= 0, f"rollouts.num_workers must be >= 0 (got {num_workers}); 0 generates in the trainer's process")
+        _check(num_workers >= 1, f"a RolloutGroup needs num_workers >= 1 (got {num_workers}); to generate in the "
+                                 f"trainer's process (rollouts.num_workers=0) use RolloutWorker")
         _check(cpus_per_worker >= 0 and gpus_per_worker >= 0,
                f"rollouts.cpus_per_worker and gpus_per_worker must be >= 0 (got {cpus_per_worker}, {gpus_per_worker})")
         _check(timeout_s > 0, f"rollouts.timeout_s must be > 0 seconds (got {timeout_s})")
@@ -119,16 +94,9 @@ class RolloutGroup:
         self.last_sync: dict[str, float] = {}
         self._version = 0
         self._state_ref: Any = None  # the last synced state, in the object store: given to replacements
-        self._local: RolloutWorker | None = None
         self._actors: list[Any] = []
         self._placement_group: Any = None
-        if num_workers == 0:
-            self._local = RolloutWorker(policy, render_speech, tools, max_turns, tool_options)
-            return
-
         import ray
-
-        from vocalign.rewards.workers import ensure_ray
 
         local = address is None and not os.environ.get("RAY_ADDRESS")
         ensure_ray(address=address)
@@ -137,7 +105,7 @@ class RolloutGroup:
         self._snapshot_ref = ray.put(snapshot_policy(policy))
         self._remote = ray.remote(self.actor_class)
         if tools:  # a misconfigured tool fails here, once, not in every actor
-            from .tools import resolve_tools
+            from vocalign.tools import resolve_tools
 
             unknown = sorted(set(tool_options or {}) - set(resolve_tools(tools)))
             _check(not unknown, f"tool_options name tools that are not enabled: {unknown}; enabled: {sorted(tools)}")
@@ -156,30 +124,20 @@ class RolloutGroup:
             self.close()
             raise
 
-    # -- the in-process worker's contract ------------------------------------------------
-    @property
-    def policy(self) -> Policy | None:
-        """The shared policy in-process; None with remote workers (they hold replicas), so
-        a trainer that checks `worker.policy is policy` sends them its weights."""
-        return self._local.policy if self._local is not None else None
-
+    # -- the rollout contract (rollouts/contract.py) ----------------------------------------
     @property
     def version(self) -> int:
-        return self._local.version if self._local is not None else self._version
+        return self._version
 
     @version.setter
     def version(self, version: int) -> None:
         """Restamp the workers' weights as `version` without sending any (a resumed trainer
         whose policy the workers were built from)."""
-        if self._local is not None:
-            self._local.version = version
-            return
         self._version = version
         self._run([_Call(i, "set_version", (version,)) for i in range(self.num_workers)])
 
-    def load_weights(self, state: dict, version: int) -> dict[str, float]:
-        """`sync`, under the in-process worker's name."""
-        return self.sync(state, version)
+    def shares_weights(self, policy: Policy) -> bool:
+        return False  # the actors hold replicas
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
         """`n` rollouts per prompt, grouped by prompt (rollout i*n+j is sample j of prompt i)."""
@@ -187,15 +145,13 @@ class RolloutGroup:
 
     # -- asynchronous generation -----------------------------------------------------------
     def generate_async(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> PendingRollouts:
-        """Start generating; returns at once (in-process: after generating).
+        """Start generating; returns at once.
 
         The workers generate with the weights they hold now. A `sync` called before
         `collect` waits behind the generation on each worker, so the trainer can update
         to version v+1 while version v generates the next step's rollouts, and read the
         staleness from each rollout's `weight_version`.
         """
-        if self._local is not None:
-            return PendingRollouts(prompts, n, self.version, [0], local=self._local.generate(prompts, n, sampling, seed))
         bounds = shard_bounds(len(prompts), self.num_workers) if prompts else []
         pin = (self._state_ref, self._version)
         calls = [_Call(w, "generate_shard", (prompts[a:b], n, sampling, seed), pin) for w, (a, b) in enumerate(bounds)]
@@ -205,8 +161,6 @@ class RolloutGroup:
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
         """The rollouts of `generate_async`, in prompt order, replacing workers that fail."""
-        if pending.local is not None:
-            return pending.local
         rollouts: list[Rollout] = []
         for start, shard in zip(pending.starts, self._run(pending.calls)):
             for r in shard:
@@ -227,17 +181,14 @@ class RolloutGroup:
         worker has loaded it}, also kept as `last_sync`. A worker that fails here is
         replaced and the replacement is built at this state.
         """
-        t0 = time.perf_counter()
-        if self._local is not None:
-            self._local.load_weights(state, version)
-        else:
-            import ray
+        import ray
 
-            # On the CPU in the object store: a CUDA tensor would come back on the CUDA device of
-            # each worker, which a CPU worker does not have (the worker moves it to its device).
-            cpu_state = {k: v.detach().cpu() for k, v in state.items()}
-            self._state_ref, self._version = ray.put(cpu_state), version
-            self._run([_Call(i, "load_weights", (self._state_ref, version)) for i in range(self.num_workers)])
+        t0 = time.perf_counter()
+        # On the CPU in the object store: a CUDA tensor would come back on the CUDA device of
+        # each worker, which a CPU worker does not have (the worker moves it to its device).
+        cpu_state = {k: v.detach().cpu() for k, v in state.items()}
+        self._state_ref, self._version = ray.put(cpu_state), version
+        self._run([_Call(i, "sync", (self._state_ref, version)) for i in range(self.num_workers)])
         self.last_sync = {"bytes": float(state_bytes(state)), "seconds": time.perf_counter() - t0}
         return self.last_sync
 
@@ -257,22 +208,16 @@ class RolloutGroup:
 
     def weight_states(self) -> list[tuple[int, str]]:
         """(version, checksum) of each worker."""
-        if self._local is not None:
-            return [self._local.weight_state()]
         return self._run([_Call(i, "weight_state", ()) for i in range(self.num_workers)])
 
     def logprobs(self, prompts: list[Prompt], response_ids: list[list[int]], temperature: float = 1.0) -> list[list[list[float]]]:
         """Each worker's log-probabilities of the same sequences (one list per worker): to check
         that every worker computes what the trainer does."""
-        if self._local is not None:
-            return [self._local.logprobs(prompts, response_ids, temperature)]
         return self._run([_Call(i, "logprobs", (prompts, response_ids, temperature)) for i in range(self.num_workers)])
 
     # -- processes -------------------------------------------------------------------------
     def worker_info(self) -> list[tuple[int, str]]:
         """(process id, Ray node id) of each worker."""
-        if self._local is not None:
-            return [(os.getpid(), "")]
         return self._run([_Call(i, "ready", ()) for i in range(self.num_workers)])
 
     def actor(self, index: int) -> Any:
@@ -322,8 +267,6 @@ class RolloutGroup:
 
     def _start_actor(self, index: int) -> Any:
         """A new actor for worker `index`, at the current synced state."""
-        import ray
-
         # Inside a placement group too: the actor takes its bundle's CPUs and GPUs (and Ray sets
         # CUDA_VISIBLE_DEVICES from num_gpus).
         options: dict[str, Any] = dict(self._resources, max_restarts=0)
@@ -335,7 +278,7 @@ class RolloutGroup:
             )
         actor = self._remote.options(**options).remote(self._snapshot_ref, version=self._version, **self._actor_args)
         if self._state_ref is not None:
-            actor.load_weights.remote(self._state_ref, self._version)  # runs before any later call
+            actor.sync.remote(self._state_ref, self._version)  # runs before any later call
         return actor
 
     def _wait_ready(self, indices: list[int], what: str) -> None:
@@ -371,7 +314,7 @@ class RolloutGroup:
                     f"(version {call.pin[1]}), which the group cannot send to a replacement: sync the workers once "
                     f"(sync(state, version)) before the first generate_async"
                 )
-            actor.load_weights.remote(*call.pin)
+            actor.sync.remote(*call.pin)
         call.actor, call.ref = actor, getattr(actor, call.method).remote(*call.args)
         call.deadline = time.monotonic() + self.timeout_s
         if pinned:
@@ -379,7 +322,7 @@ class RolloutGroup:
 
     def _restore_current(self, actor: Any) -> None:
         if self._state_ref is not None:
-            actor.load_weights.remote(self._state_ref, self._version)
+            actor.sync.remote(self._state_ref, self._version)
         else:
             actor.set_version.remote(self._version)
 
@@ -405,7 +348,7 @@ class RolloutGroup:
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
                     failed.append((k, f"died ({type(error).__name__})"))
                 except ray.exceptions.RayTaskError as error:
-                    cause = error.cause if isinstance(error.cause, Exception) else error
+                    cause = task_error_cause(error)
                     raise RolloutWorkerError(
                         f"rollout worker {calls[k].worker} raised in {calls[k].method}: {type(cause).__name__}: {cause}"
                     ) from cause

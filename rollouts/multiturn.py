@@ -42,7 +42,7 @@ from vocalign.model import chat
 from vocalign.model.policy import Generation, Policy, PromptBatch, Sampling
 from vocalign.model.tokenizer import ChatTokenizer
 
-from .tools import Tool, ToolCallError, ToolResult, parse_tool_call, resolve_tools, run_tool_call
+from vocalign.tools import Tool, ToolCallError, ToolResult, parse_tool_call, resolve_tools, run_tool_call
 
 
 @dataclass

@@ -14,6 +14,7 @@ weights with `weight_checksum` (see rollouts/sync.py).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,25 +23,42 @@ import torch
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
 
-from .sync import live_state, restore_policy, state_checksum
+from .contract import PendingRollouts
+from .sync import WeightSyncError, live_state, restore_policy, state_bytes, state_checksum
 
 
 class RolloutWorker:
+    """Generates in this process with `policy` (the trainer's own, or a replica): a `RolloutSource`."""
+
     def __init__(self, policy: Policy, render_speech: bool = True, tools: Sequence[str] = (), max_turns: int = 2,
                  tool_options: dict[str, dict[str, Any]] | None = None) -> None:
         self.policy = policy
         self.render_speech = render_speech and policy.detokenizer is not None
         self.version = 0
+        self.restarts = 0  # nothing to restart in-process
         # multi-turn tool use: a response may call these tools up to max_turns times
         self.tools, self.max_turns, self.tool_options = list(tools), max_turns, tool_options or None
         self._synced_names: list[str] | None = None  # keys of the last state loaded
 
     # -- weights -------------------------------------------------------------------------
-    def load_weights(self, state: dict, version: int) -> None:
-        """Take the trainer's trainable state (the adapter only, under LoRA)."""
+    def shares_weights(self, policy: Policy) -> bool:
+        return self.policy is policy
+
+    def sync(self, state: dict, version: int) -> dict[str, float]:
+        """Take the trainer's trainable state (the adapter only, under LoRA), stamped `version`."""
+        t0 = time.perf_counter()
         self.policy.load_trainable_state(state)
         self.version = version
         self._synced_names = sorted(state)
+        return {"bytes": float(state_bytes(state)), "seconds": time.perf_counter() - t0}
+
+    def verify(self, version: int, checksum: str) -> None:
+        held_version, held = self.weight_state()
+        if held_version != version or held != checksum:
+            raise WeightSyncError(
+                f"the rollout worker holds version {held_version} with checksum {held}, not the trainer's version "
+                f"{version} with checksum {checksum}: sync the trainer's state again (sync(state, version))"
+            )
 
     def set_version(self, version: int) -> None:
         """Stamp the weights held with `version` (a resumed trainer whose weights the worker already has)."""
@@ -89,6 +107,18 @@ class RolloutWorker:
                 )
             )
         return rollouts
+
+    def close(self) -> None:
+        """Nothing to release in-process (a `RolloutGroup` kills its actors)."""
+
+    def generate_async(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int) -> PendingRollouts:
+        """`generate`, run now: in one process there is nothing to overlap with."""
+        return PendingRollouts(prompts, n, self.version, [0], local=self.generate(prompts, n, sampling, seed))
+
+    def collect(self, pending: PendingRollouts) -> list[Rollout]:
+        if pending.local is None:
+            raise ValueError("these pending rollouts were started by a RolloutGroup: collect them with that group")
+        return pending.local
 
     @torch.no_grad()
     def logprobs(self, prompts: list[Prompt], response_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:

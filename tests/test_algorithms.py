@@ -10,9 +10,12 @@ import torch
 from vocalign.rl.algorithms import (
     batch_normalized_advantages,
     clipped_policy_loss,
+    gae_advantages,
     group_normalized_advantages,
+    kl_estimate,
     kl_k3,
     masked_mean,
+    rloo_advantages,
 )
 
 # --- group-normalised advantages -------------------------------------------------------
@@ -173,7 +176,7 @@ def test_k3_cap_limits_only_the_exploding_tokens() -> None:
     uncapped = kl_k3(logprobs, ref)
     assert float(uncapped[0]) == pytest.approx(3000 - math.log(3000) - 1, rel=1e-4)
     logprobs.requires_grad_(True)
-    capped = kl_k3(logprobs, ref, max_kl=10.0)
+    capped = kl_estimate(logprobs, ref, "k3", max_kl=10.0)
     assert float(capped[0].detach()) == 10.0 and float(capped[1].detach()) == pytest.approx(float(uncapped[1]))
     capped.sum().backward()
     assert float(logprobs.grad[0]) == 0.0 and float(logprobs.grad[1]) != 0.0  # the capped token pushes no gradient
@@ -212,7 +215,7 @@ def test_masked_mean_of_an_empty_mask_is_zero_not_nan() -> None:
 
 
 def test_rl_learning_rate_schedules() -> None:
-    from vocalign.rl.trainer import scheduled_lr
+    from vocalign.rl.algorithms import scheduled_lr
 
     # lr 1e-3, 2 warm-up steps, 10 steps
     assert [scheduled_lr(1e-3, 2, "constant", 10, s) for s in (0, 1, 5, 9)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
@@ -325,3 +328,118 @@ def test_kl_controllers() -> None:
     assert adaptive.update(kl=0.5, n_steps=5) == pytest.approx(0.102 * 0.9)
     with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+# --- the registries: every estimator and loss the trainer reaches is looked up by name ---------------
+
+
+def _step_batch(n: int = 6, width: int = 5, seed: int = 0):
+    from vocalign.rl.algorithms import AdvantageInput
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 3, 4, 2, 5, 1][:n])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    return AdvantageInput(
+        rewards=torch.rand(n, generator=g), group_size=3, mask=mask, every=mask,
+        token_kl=torch.rand(n, width, generator=g) * mask, kl_coef=0.1,
+        values=torch.rand(n, width, generator=g) * mask,
+    )
+
+
+def test_compute_advantages_is_each_estimator_on_the_kl_penalised_rewards() -> None:
+    from dataclasses import replace
+
+    from vocalign.rl.algorithms import ADVANTAGE_ESTIMATORS, compute_advantages
+
+    batch = _step_batch()
+    penalised = batch.rewards - 0.1 * batch.token_kl.sum(-1)
+    expected = {
+        "group": group_normalized_advantages(penalised, 3),
+        "rloo": rloo_advantages(penalised, 3),
+        "reinforce++": batch_normalized_advantages(penalised),
+    }
+    assert set(ADVANTAGE_ESTIMATORS) == {*expected, "gae"}
+    for name, want in expected.items():
+        got = compute_advantages(name, batch)
+        torch.testing.assert_close(got.advantages, want, rtol=0, atol=0)
+        assert got.returns is None
+    # without a KL penalty the rewards are used as they are
+    plain = compute_advantages("group", replace(batch, token_kl=None))
+    torch.testing.assert_close(plain.advantages, group_normalized_advantages(batch.rewards, 3), rtol=0, atol=0)
+    unscaled = compute_advantages("group", replace(batch, token_kl=None, scale_rewards="none"))
+    torch.testing.assert_close(unscaled.advantages, group_normalized_advantages(batch.rewards, 3, scale=False))
+
+
+def test_gae_puts_the_reward_on_the_last_trained_token_and_whitens() -> None:
+    from vocalign.rl.algorithms import compute_advantages
+
+    batch = _step_batch()
+    out = compute_advantages("gae", batch)
+    token_rewards = torch.zeros_like(batch.mask)
+    for i, n in enumerate(batch.mask.sum(-1).long().tolist()):
+        token_rewards[i, n - 1] = batch.rewards[i]
+    token_rewards -= 0.1 * batch.token_kl
+    raw, returns = gae_advantages(token_rewards, batch.values, batch.mask, 1.0, 0.95)
+    torch.testing.assert_close(out.returns, returns)
+    whitened = out.advantages[batch.mask.bool()]
+    assert float(whitened.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(whitened.var(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert torch.corrcoef(torch.stack([whitened, raw[batch.mask.bool()]]))[0, 1] > 0.9999  # an affine map of GAE
+    assert (out.advantages[batch.mask == 0] == 0).all()
+
+
+def test_registries_refuse_unknown_and_repeated_names() -> None:
+    from vocalign.rl.algorithms import compute_advantages, policy_loss, register_advantage, register_policy_loss
+
+    with pytest.raises(ValueError, match="advantage estimator 'grpo' is not known; use one of group, rloo"):
+        compute_advantages("grpo", _step_batch())
+    with pytest.raises(ValueError, match="registered twice"):
+        register_advantage("rloo")(lambda batch: batch)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_policy_loss("gspo")(lambda *a: a)
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="policy loss 'ppo2' is not known; use one of clip, gspo"):
+        policy_loss("ppo2", x, x, torch.zeros(2), torch.ones(2, 3), 0.2)
+    with pytest.raises(ValueError, match="KL estimator 'k4' is not known"):
+        kl_estimate(x, x, "k4")
+
+
+def test_the_clip_loss_is_the_token_level_surrogate_and_ppo_is_its_old_name() -> None:
+    from vocalign.rl.algorithms import clipped_policy_loss, gspo_policy_loss, policy_loss
+
+    g = torch.Generator().manual_seed(3)
+    logprobs, old = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mask, adv = (torch.rand(4, 6, generator=g) > 0.3).float(), torch.randn(4, generator=g)
+    clip = policy_loss("clip", logprobs, old, adv, mask, 0.2, 0.28, 3.0)
+    old_name = policy_loss("ppo", logprobs, old, adv, mask, 0.2, 0.28, 3.0)
+    token_loss, clipped = clipped_policy_loss(logprobs, old, adv, 0.2, 0.28, 3.0)
+    torch.testing.assert_close(clip.token_loss, token_loss, rtol=0, atol=0)
+    torch.testing.assert_close(old_name.token_loss, token_loss, rtol=0, atol=0)
+    assert float(clip.clip_frac) == pytest.approx(float(masked_mean(clipped.float(), mask)))
+    assert float(clip.dual_frac) > 0  # ratios of exp(randn) pass 3.0 on some negative-advantage tokens
+    gspo = policy_loss("gspo", logprobs, old, adv, mask, 0.2, 0.28, None)
+    seq_loss, seq_clipped = gspo_policy_loss(logprobs, old, adv, mask, 0.2, 0.28, None)
+    torch.testing.assert_close(gspo.token_loss, seq_loss, rtol=0, atol=0)
+    assert float(gspo.clip_frac) == pytest.approx(float(seq_clipped.float().mean()))
+    assert gspo.log_ratio.shape == (4, 1) and float(gspo.dual_frac) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_units_make_a_minibatch_loss_independent_of_its_split(mode: str) -> None:
+    from vocalign.rl.algorithms import aggregate_loss, loss_units
+
+    g = torch.Generator().manual_seed(4)
+    token_loss = torch.randn(5, 7, generator=g)
+    mask = (torch.rand(5, 7, generator=g) > 0.4).float()
+    mask[:, 0] = 1.0
+    whole = aggregate_loss(token_loss, mask, mode, norm=7)
+    units = loss_units(mask, mode)
+    for split in ([2, 3], [1, 4], [1, 1, 3]):
+        parts, start = [], 0
+        for size in split:
+            rows = slice(start, start + size)
+            parts.append(aggregate_loss(token_loss[rows], mask[rows], mode, norm=7, units=units))
+            start += size
+        assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-6)
+    with pytest.raises(ValueError, match="must not be negative"):
+        aggregate_loss(token_loss, mask, mode, units=-1)

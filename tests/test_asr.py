@@ -14,17 +14,9 @@ from vocalign.data.espeak import synthesize
 from vocalign.data.types import SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
 from vocalign.rewards.asr import ASRBackend, WhisperASR, available_asr, get_asr
-from vocalign.rewards.ctc_asr import (
-    HELD_OUT_VARIANTS,
-    VOCABULARY,
-    EmbeddedRecognizer,
-    TrainConfig,
-    corpus_wer,
-    greedy_decode,
-    log_mel,
-    main,
-    training_variants,
-)
+from vocalign.data.speakers import HELD_OUT_VARIANTS
+from vocalign.rewards.ctc_asr import VOCABULARY, EmbeddedRecognizer, greedy_decode, log_mel
+from vocalign.rewards.training.ctc_asr import TrainConfig, corpus_wer, main, training_variants
 from vocalign.rewards.transcripts import normalize_transcript
 
 

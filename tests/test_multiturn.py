@@ -28,7 +28,7 @@ from vocalign.rollouts.multiturn import (
     to_rollout,
     tool_result_ids,
 )
-from vocalign.rollouts.tools import format_tool_call, resolve_tools
+from vocalign.tools import format_tool_call, resolve_tools
 from vocalign.rollouts.worker import RolloutWorker
 
 SAMPLING = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8)

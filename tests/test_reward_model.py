@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForSequenceClassification
 from vocalign.data.types import Message, Prompt, Rollout
 from vocalign.rewards import RewardSpec, check_rewards, score
 from vocalign.rewards.correctness import is_correct, words_to_number
-from vocalign.rewards.preference_data import PAIR_KINDS, PreferencePair, held_out_pairs, preference_pairs
+from vocalign.rewards.training.preference_data import PAIR_KINDS, PreferencePair, held_out_pairs, preference_pairs
 from vocalign.rewards.reward_model import (
     RewardModelConfig,
     load_reward_model,

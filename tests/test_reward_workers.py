@@ -104,7 +104,7 @@ def test_workers_must_be_a_non_negative_int() -> None:
 
 
 def test_async_rewards_run_concurrently(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
     running: list[int] = []
     overlaps: list[int] = []
 

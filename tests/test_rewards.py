@@ -55,7 +55,7 @@ def make_rollout(text: str = "", *, spoken: str = "", prompt_id: str = "p0", **m
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Rewards registered by a test disappear after it; the built-ins stay visible."""
-    copy = dict(registry._REGISTRY)
+    copy = registry._REGISTRY.copy()
     monkeypatch.setattr(registry, "_REGISTRY", copy)
     return copy
 
@@ -261,7 +261,7 @@ def test_correctness_multiple_choice_from_meta() -> None:
 # --- the registry --------------------------------------------------------------------
 
 
-def test_reward_decorator_registers_and_returns_the_function(isolated_registry: dict) -> None:
+def test_reward_decorator_registers_and_returns_the_function(isolated_registry) -> None:
     @reward("shout")
     def shout(rollouts: list[Rollout], *, bonus: float = 0.5) -> list[float | None]:
         """1 + bonus when the text is upper case.
@@ -279,7 +279,7 @@ def test_reward_decorator_registers_and_returns_the_function(isolated_registry: 
     assert [i.name for i in list_rewards()] == sorted(info)
 
 
-def test_registering_a_name_twice_is_an_error(isolated_registry: dict) -> None:
+def test_registering_a_name_twice_is_an_error(isolated_registry) -> None:
     @reward("twice")
     def first(rollouts: list[Rollout]) -> list[float | None]:
         return [1.0] * len(rollouts)
@@ -294,7 +294,7 @@ def test_registering_a_name_twice_is_an_error(isolated_registry: dict) -> None:
         reward("a:b")
 
 
-def test_list_rewards_marks_required_params(isolated_registry: dict) -> None:
+def test_list_rewards_marks_required_params(isolated_registry) -> None:
     @reward("needs_target")
     def needs_target(rollouts: list[Rollout], target: str, *, scale: float = 1.0) -> list[float | None]:
         return [scale * (r.text == target) for r in rollouts]
@@ -354,7 +354,7 @@ def test_dotted_import_reports_a_missing_dependency_of_the_module(
         get_reward(f"{module}:fn")
 
 
-def test_unknown_and_missing_params_are_errors_naming_the_accepted_ones(isolated_registry: dict) -> None:
+def test_unknown_and_missing_params_are_errors_naming_the_accepted_ones(isolated_registry) -> None:
     @reward("needs_target")
     def needs_target(rollouts: list[Rollout], target: str, *, scale: float = 1.0) -> list[float | None]:
         return [scale * (r.text == target) for r in rollouts]
@@ -369,7 +369,7 @@ def test_unknown_and_missing_params_are_errors_naming_the_accepted_ones(isolated
     assert score(rollouts, [RewardSpec("needs_target", params={"target": "x", "scale": 3})]).total == [3.0]
 
 
-def test_a_reward_taking_any_keywords_accepts_any_params(isolated_registry: dict) -> None:
+def test_a_reward_taking_any_keywords_accepts_any_params(isolated_registry) -> None:
     @reward("open")
     def open_reward(rollouts: list[Rollout], **params: Any) -> list[float | None]:
         return [float(params["value"])] * len(rollouts)
@@ -381,7 +381,7 @@ def test_a_reward_taking_any_keywords_accepts_any_params(isolated_registry: dict
 
 
 @pytest.fixture
-def fixed_rewards(isolated_registry: dict) -> None:
+def fixed_rewards(isolated_registry) -> None:
     @reward("fixed_a")
     def fixed_a(rollouts: list[Rollout]) -> list[float | None]:
         return [1.0, None, 0.0]
@@ -417,7 +417,7 @@ def test_metrics(fixed_rewards: None) -> None:
     })
 
 
-def test_a_reward_that_never_scores_has_nan_mean_and_total_zero(isolated_registry: dict) -> None:
+def test_a_reward_that_never_scores_has_nan_mean_and_total_zero(isolated_registry) -> None:
     @reward("abstains")
     def abstains(rollouts: list[Rollout]) -> list[float | None]:
         return [None] * len(rollouts)
@@ -447,7 +447,7 @@ def test_score_needs_at_least_one_reward() -> None:
 
 
 @pytest.fixture
-def flaky(isolated_registry: dict) -> list[int]:
+def flaky(isolated_registry) -> list[int]:
     """A reward that divides by zero on prompts whose id starts with "bad"; returns its batch sizes."""
     calls: list[int] = []
 
@@ -487,7 +487,7 @@ def test_on_error_zero_and_skip_score_only_the_failing_samples(
     assert metrics["reward/flaky"] == (1.0 if on_error == "skip" else 0.5)
 
 
-def test_a_failure_only_on_the_whole_batch(isolated_registry: dict) -> None:
+def test_a_failure_only_on_the_whole_batch(isolated_registry) -> None:
     @reward("batch_only")
     def batch_only(rollouts: list[Rollout]) -> list[float | None]:
         if len(rollouts) > 1:
@@ -523,7 +523,7 @@ def test_a_reward_returning_the_wrong_thing_is_an_error_even_under_skip(
         score([make_rollout(), make_rollout()], [RewardSpec("broken", on_error="skip")])
 
 
-def test_scores_may_be_numpy_values_and_bools(isolated_registry: dict) -> None:
+def test_scores_may_be_numpy_values_and_bools(isolated_registry) -> None:
     @reward("numpy_scores")
     def numpy_scores(rollouts: list[Rollout]) -> Any:
         return np.array([0.25, 1.0], dtype=np.float32)
@@ -540,7 +540,7 @@ def test_scores_may_be_numpy_values_and_bools(isolated_registry: dict) -> None:
 # --- async rewards -------------------------------------------------------------------
 
 
-def test_an_async_reward_is_awaited(isolated_registry: dict) -> None:
+def test_an_async_reward_is_awaited(isolated_registry) -> None:
     @reward("slow_judge")
     async def slow_judge(rollouts: list[Rollout], *, value: float = 1.0) -> list[float | None]:
         await asyncio.sleep(0.001)
@@ -556,7 +556,7 @@ def test_an_async_reward_is_awaited(isolated_registry: dict) -> None:
     assert asyncio.run(from_a_running_loop()) == [0.75, 0.0]
 
 
-def test_an_async_reward_failing_is_attributed_per_sample(isolated_registry: dict) -> None:
+def test_an_async_reward_failing_is_attributed_per_sample(isolated_registry) -> None:
     @reward("async_flaky")
     async def async_flaky(rollouts: list[Rollout]) -> list[float | None]:
         if any(r.text == "boom" for r in rollouts):

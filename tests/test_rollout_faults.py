@@ -19,7 +19,7 @@ from vocalign.data.synthetic import make_task
 from vocalign.data.types import Audio, Message, Prompt
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling
-from vocalign.rewards.workers import ensure_ray
+from vocalign.common.ray_cluster import ensure_ray
 from vocalign.rollouts.group import RolloutGroup, RolloutWorkerError
 from vocalign.rollouts.sync import state_checksum
 from vocalign.rollouts.worker import RolloutActor, RolloutWorker

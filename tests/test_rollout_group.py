@@ -24,8 +24,8 @@ from vocalign.data.types import Rollout
 from vocalign.model import chat
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling
-from vocalign.rewards.workers import ensure_ray
-from vocalign.rollouts.group import RolloutGroup, shard_bounds
+from vocalign.common.ray_cluster import ensure_ray, shard_bounds
+from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.worker import RolloutWorker
 
 SAMPLING = Sampling(max_new_tokens=10)
@@ -116,19 +116,25 @@ def test_each_worker_is_its_own_process(local_group: RolloutGroup) -> None:
     assert len(set(pids)) == 2 and os.getpid() not in pids
 
 
-def test_no_workers_is_the_in_process_worker(policy: Policy, prompts, expected) -> None:
-    group = RolloutGroup(policy, 0)
-    assert group.policy is policy  # the trainer's "shared weights" check holds
-    assert_same_rollouts(group.generate(prompts, N, SAMPLING, seed=11), expected)
+def test_the_group_and_the_in_process_worker_are_both_rollout_sources(local_group: RolloutGroup, policy: Policy,
+                                                                        prompts, expected) -> None:
+    from vocalign.rollouts.contract import RolloutSource
+
+    worker = RolloutWorker(policy)
+    assert isinstance(worker, RolloutSource) and isinstance(local_group, RolloutSource)
+    assert worker.shares_weights(policy) and not local_group.shares_weights(policy)  # replicas get synced weights
+    assert_same_rollouts(worker.collect(worker.generate_async(prompts, N, SAMPLING, seed=11)), expected)
+    with pytest.raises(ValueError, match="started by a RolloutGroup"):
+        worker.collect(local_group.generate_async(prompts[:1], N, SAMPLING, seed=11))
 
 
 def test_bad_settings_are_refused_with_the_key_named(policy: Policy) -> None:
-    with pytest.raises(ValueError, match="num_workers must be >= 0"):
-        RolloutGroup(policy, -1)
+    with pytest.raises(ValueError, match="needs num_workers >= 1 .* use RolloutWorker"):
+        RolloutGroup(policy, 0)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
-        RolloutGroup(policy, 0, timeout_s=0)
+        RolloutGroup(policy, 1, timeout_s=0)
     with pytest.raises(ValueError, match="placement 'DIAGONAL'"):
-        RolloutGroup(policy, 0, placement="DIAGONAL")
+        RolloutGroup(policy, 1, placement="DIAGONAL")
 
 
 def test_more_workers_than_a_local_ray_holds_fail_at_once(local_group: RolloutGroup, policy: Policy) -> None:

@@ -18,7 +18,7 @@ from vocalign.data.speakers import (
     voice_pool,
 )
 from vocalign.data.synthetic import make_task
-from vocalign.rewards.ctc_asr import training_variants
+from vocalign.rewards.training.ctc_asr import training_variants
 
 
 def test_the_train_and_heldout_pools_never_share_a_variant() -> None:

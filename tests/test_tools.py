@@ -16,8 +16,9 @@ from datetime import timezone as tz
 import pytest
 
 from vocalign.data.tool_tasks import VOICE_REQUESTS
-from vocalign.rollouts import tools
-from vocalign.rollouts.tools import (
+from vocalign import tools
+from vocalign.tools import clock, registry, voice_library
+from vocalign.tools import (
     DEFAULT_VOICE_LIBRARY,
     ToolOutput,
     calculate,
@@ -108,7 +109,7 @@ def test_calculator_refuses_huge_or_invalid_expressions(expression, why):
 
 
 def test_datetime_reads_the_injectable_clock(monkeypatch):
-    monkeypatch.setattr(tools, "clock", lambda: datetime(2025, 1, 2, 23, 30, 0, tzinfo=tz.utc))
+    monkeypatch.setattr(clock, "clock", lambda: datetime(2025, 1, 2, 23, 30, 0, tzinfo=tz.utc))
     assert call("datetime", {}).text == "2025-01-02 23:30:00 (Thursday), UTC+00:00"
     assert call("datetime", {"utc_offset": "+05:30"}).text == "2025-01-03 05:00:00 (Friday), UTC+05:30"
     assert call("datetime", {"utc_offset": "UTC-3"}).text == "2025-01-02 20:30:00 (Thursday), UTC-03:00"
@@ -268,21 +269,21 @@ def test_a_user_tool_by_decorator_and_by_module_reference():
         with pytest.raises(ValueError, match="already registered"):
             tool("test_weather")(weather)
     finally:
-        tools._REGISTRY.pop("test_weather", None)
+        registry._REGISTRY.remove("test_weather")
 
 
 def test_operator_mistakes_raise_before_generation():
     with pytest.raises(ValueError, match="did you mean 'calculator'"):
         resolve_tools(["calculater"])
     with pytest.raises(ValueError, match="enabled twice"):
-        resolve_tools(["calculator", "vocalign.rollouts.tools:calculator_tool"])
+        resolve_tools(["calculator", "vocalign.tools.calculator:calculator_tool"])
     with pytest.raises(ValueError, match="has no function 'nope'"):
-        get_tool("vocalign.rollouts.tools:nope")
+        get_tool("vocalign.tools.calculator:nope")
     with pytest.raises(ValueError, match="both options"):
         tool("test_clash", parameters={"root": "string"}, options=("root",))(lambda root: root)
     with pytest.raises(ValueError, match="has type 'text'"):
         tool("test_badtype", parameters={"x": "text"})(lambda x: x)
-    assert "test_clash" not in tools._REGISTRY and "test_badtype" not in tools._REGISTRY
+    assert "test_clash" not in registry._REGISTRY and "test_badtype" not in registry._REGISTRY
 
 
 def test_results_are_cut_and_calls_round_trip():
@@ -292,7 +293,7 @@ def test_results_are_cut_and_calls_round_trip():
     assert result.ok and result.text == "1267650..." and len(result.text) == 10
     wrapped = run_tool_call(raw, {"calculator": get_tool("calculator")})
     assert wrapped.text == str(2**100)
-    assert isinstance(tools.audio_search_tool("a whisper"), ToolOutput)
+    assert isinstance(voice_library.audio_search_tool("a whisper"), ToolOutput)
 
 
 # --- the tool_use task and the tool_call reward ---------------------------------------------

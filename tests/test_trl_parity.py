@@ -142,7 +142,7 @@ def trl_loss(trainer: GRPOTrainer, batch: dict[str, torch.Tensor], num_items_in_
 
 def our_loss(
     batch: dict[str, torch.Tensor], *, policy: str, aggregation: str, kl_coef: float = 0.0, bias_corrected_kl: bool = False,
-    ratio_max: float | None = None, token_count: float | None = None, scale: float = 1.0,
+    ratio_max: float | None = None, units: float | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our loss as the trainer composes it (policy loss + kl_coef * k3 per token, then one aggregation),
     its gradient w.r.t. the log-probabilities, and the clipped flags."""
@@ -159,7 +159,7 @@ def our_loss(
         if bias_corrected_kl:
             token_kl = alg.importance_weighted_kl(token_kl, log_ratio)
         token_loss = token_loss + kl_coef * token_kl
-    loss = alg.aggregate_loss(token_loss, mask, aggregation, norm=MAX_COMPLETION_LENGTH, token_count=token_count) * scale
+    loss = alg.aggregate_loss(token_loss, mask, aggregation, norm=MAX_COMPLETION_LENGTH, units=units) * scale
     (grad,) = torch.autograd.grad(loss, logprobs)
     return loss.detach(), grad, clipped
 
@@ -249,9 +249,9 @@ def test_gradient_accumulation_matches_trl(tiny_model) -> None:
     """One optimiser step over 2 micro-batches of different token counts (TRL's gradient_accumulation_steps=2).
 
     dapo divides every micro-batch's token sum by the step's token count (`num_items_in_batch`):
-    our token-mean with `token_count`, and the same as one token-mean over the whole step.
+    our token-mean with `units`, and the same as one token-mean over the whole step.
     bnpo takes each micro-batch's own token mean and halves it: our token-mean without
-    `token_count`. grpo halves each micro-batch's sequence mean.
+    `units`. grpo halves each micro-batch's sequence mean.
     """
     first, second = rollout_batch(torch.float64, seed=3, lengths=(6, 6, 5, 6)), rollout_batch(torch.float64, seed=4)
     step_tokens = int(first["mask"].sum() + second["mask"].sum())
@@ -264,7 +264,7 @@ def test_gradient_accumulation_matches_trl(tiny_model) -> None:
         return parts[0][0] + parts[1][0], torch.cat([parts[0][1], parts[1][1]])
 
     theirs, their_grad = accumulated("dapo")
-    parts = [our_loss(p, policy="ppo", aggregation="token-mean", token_count=step_tokens) for p in (first, second)]
+    parts = [our_loss(p, policy="ppo", aggregation="token-mean", units=step_tokens) for p in (first, second)]
     assert_same(parts[0][0] + parts[1][0], theirs)
     assert_same(torch.cat([parts[0][1], parts[1][1]]), their_grad)
     ours_whole, our_whole_grad, _ = our_loss(whole, policy="ppo", aggregation="token-mean")
@@ -282,13 +282,12 @@ def test_gradient_accumulation_matches_trl(tiny_model) -> None:
     assert_same(our_grpo_grad, their_grpo_grad)
 
 
-def test_token_count_is_only_for_token_mean() -> None:
+def test_units_divide_the_whole_minibatch_in_every_aggregation() -> None:
     token_loss, mask = torch.ones(2, 3), torch.ones(2, 3)
-    assert float(alg.aggregate_loss(token_loss, mask, token_count=12)) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="does not use it"):
-        alg.aggregate_loss(token_loss, mask, "seq-mean-token-mean", token_count=12)
-    with pytest.raises(ValueError, match="must be positive"):
-        alg.aggregate_loss(token_loss, mask, token_count=0)
+    assert float(alg.aggregate_loss(token_loss, mask, units=12)) == pytest.approx(0.5)  # 6 tokens of 12
+    assert float(alg.aggregate_loss(token_loss, mask, "seq-mean-token-mean", units=4)) == pytest.approx(0.5)  # 2 sequences of 4
+    with pytest.raises(ValueError, match="must not be negative"):
+        alg.aggregate_loss(token_loss, mask, units=-1)
 
 
 # --- the advantages ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from vocalign.data.synthetic import make_task
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling
-from vocalign.rewards.workers import ensure_ray
+from vocalign.common.ray_cluster import ensure_ray
 from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.sync import WeightSyncError, live_state, state_bytes, state_checksum
 from vocalign.rollouts.worker import RolloutWorker

@@ -1,6 +1,6 @@
 """Calibrate and check the paralinguistic level thresholds on synthetic speech.
 
-    python -m vocalign.rewards.calibrate_paralinguistic
+    python -m vocalign.rewards.training.calibrate_paralinguistic
 
 Seeded; about a minute on one core. It
 

@@ -1,0 +1,1 @@
+"""Pieces every layer may use: Ray start-up and a named registry of functions. Imports nothing of vocalign."""
