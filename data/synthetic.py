@@ -17,7 +17,7 @@ it never heard. The clips are drawn first and rendered in fresh processes
 (`vocalign.data.render`), so the audio depends only on the arguments, and the first k
 prompts of a call with n > k are those of the call with n = k.
 
-Tasks (see `TASKS`, or call `make_task(name, n, seed, **kw)`):
+Tasks (registered with `vocalign.data.tasks`; call `make_task(name, n, seed, **kw)`):
 - `arithmetic`: "what is A plus/minus B" spoken, operands in min_operand..max_operand;
   answer in text (digits) and speech (words); `styled=True` adds a requested speaking style, spoken ("... answer slowly")
   or as text (`style_in="text"`); `target_style="random"` makes SFT targets speak in
@@ -33,7 +33,7 @@ Tasks (see `TASKS`, or call `make_task(name, n, seed, **kw)`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,12 +47,13 @@ from vocalign.data.speakers import (
     Conditions,
     resolve_voices,
 )
+from vocalign.data.tasks import check_count, task
 from vocalign.data.types import STYLE_LEVELS, Message, Prompt, Response, SpeechStyle
 
 __all__ = [  # names other modules take from here, besides the tasks
     "DEFAULT_VOICES", "FEMALE_VOICES", "MALE_VOICES", "VOICE_GENDER", "MAX_CLIP_SECONDS", "STYLE_SETTINGS",
-    "STYLE_PHRASES", "PERCEPTION_CHOICES", "PERCEPTION_QUESTIONS", "TASKS", "make_task", "number_to_words",
-    "style_phrase", "sentence", "sentence_words", "check_count",
+    "STYLE_PHRASES", "PERCEPTION_CHOICES", "PERCEPTION_QUESTIONS", "number_to_words",
+    "style_phrase", "sentence", "sentence_words",
 ]
 
 VoiceChoice = str | Sequence[str | Voice]  # a pool name (train, heldout, default) or a list of voices
@@ -153,6 +154,7 @@ def style_phrase(style: dict[str, str]) -> str:
 # ---------------------------------------------------------------------------- tasks
 
 
+@task("arithmetic")
 def arithmetic(
     n: int,
     seed: int,
@@ -245,6 +247,7 @@ def arithmetic(
     return attach_audio(prompts, clips, sample_rate, max_seconds, seed)
 
 
+@task("transcription")
 def transcription(
     n: int,
     seed: int,
@@ -281,6 +284,7 @@ def transcription(
     return attach_audio(prompts, clips, sample_rate, max_seconds, seed)
 
 
+@task("perception")
 def perception(
     n: int,
     seed: int,
@@ -340,6 +344,7 @@ def perception(
     return attach_audio(prompts, clips, sample_rate, max_seconds, seed)
 
 
+@task("styled_speech")
 def styled_speech(n: int, seed: int, *, max_attributes: int = 1) -> list[Prompt]:
     """A text instruction `say "X" slowly`; the answer is X spoken in that style.
 
@@ -366,35 +371,7 @@ def styled_speech(n: int, seed: int, *, max_attributes: int = 1) -> list[Prompt]
     return prompts
 
 
-def tool_use(n: int, seed: int, **kw) -> list[Prompt]:
-    """Questions that need a tool; see `vocalign.data.tool_tasks.tool_use` (imported when used)."""
-    from vocalign.data.tool_tasks import tool_use as make
-
-    return make(n, seed, **kw)
-
-
-TASKS: dict[str, Callable[..., list[Prompt]]] = {
-    "arithmetic": arithmetic,
-    "transcription": transcription,
-    "perception": perception,
-    "styled_speech": styled_speech,
-    "tool_use": tool_use,
-}
-
-
-def make_task(name: str, n: int, seed: int, **kw) -> list[Prompt]:
-    """`n` prompts of the task called `name` (a key of TASKS); `kw` go to its function."""
-    if name not in TASKS:
-        raise ValueError(f"synthetic task {name!r} is not known; use one of {', '.join(TASKS)}")
-    return TASKS[name](n, seed, **kw)
-
-
 # -------------------------------------------------------------------------- helpers
-
-
-def check_count(n: int, task: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"{task}: n={n!r} must be a non-negative int (the number of prompts)")
 
 
 def _check_max_attributes(max_attributes: int, task: str) -> None:

@@ -1,6 +1,6 @@
 """A synthetic tool-use task: questions that need a tool, with the call and answer to learn.
 
-`tool_use(n, seed, ...)` (registered in `vocalign.data.synthetic.TASKS` as "tool_use")
+`tool_use(n, seed, ...)` (registered in `vocalign.data.tasks.TASKS` as "tool_use")
 draws `n` questions of the kinds asked for:
 - `calculator`: "347 times 29 is how much?" (plus, minus, times, divided by; exact
   division; spoken: "what is three hundred forty seven times twenty nine"). meta: `answer` (int), `expected_tool` "calculator", `expected_args`
@@ -34,7 +34,8 @@ import numpy as np
 from vocalign.data.espeak import Voice
 from vocalign.data.render import MAX_CLIP_SECONDS, attach_audio, draw_clip
 from vocalign.data.speakers import Conditions, resolve_voices
-from vocalign.data.synthetic import check_count, number_to_words, sentence
+from vocalign.data.synthetic import number_to_words, sentence
+from vocalign.data.tasks import check_count, task
 from vocalign.data.types import Message, Prompt, Response
 from vocalign.tools import (
     DEFAULT_VOICE_LIBRARY,
@@ -79,6 +80,7 @@ def tools_message(tools: Sequence[str], describe: str) -> Message | None:
     return Message("tool_json_schemas", json.dumps([{"name": t.name, "arguments": list(t.parameters["properties"])} for t in found]))
 
 
+@task("tool_use")
 def tool_use(
     n: int,
     seed: int,

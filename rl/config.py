@@ -41,7 +41,7 @@ class ModelConfig:
 
 @dataclass
 class TaskSpec:
-    """A synthetic task (see `vocalign.data.synthetic.TASKS`) with its size and options."""
+    """A synthetic task (see `vocalign.data.tasks.TASKS`) with its size and options."""
 
     name: str = "arithmetic"
     n: int = 1000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Prompt
 from vocalign.data.user_data import load_prompts
 from vocalign.model.policy import Policy

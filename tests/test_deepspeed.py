@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, PromptBatch, Sampling, SequenceBatch
 from vocalign.rl.backends import TorchBackend, make_backend

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Response, Rollout
 from vocalign.model.loading import load_policy
 from vocalign.model.policy import Policy

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.model.loading import embedded_policy
 from vocalign.model.lora import FusedLoRA, fuse_lora, unfuse_lora
 from vocalign.model.policy import Sampling

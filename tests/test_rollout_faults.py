@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Audio, Message, Prompt
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Rollout
 from vocalign.model import chat
 from vocalign.model.loading import embedded_policy

@@ -17,7 +17,7 @@ from vocalign.data.speakers import (
     resolve_voices,
     voice_pool,
 )
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.rewards.training.ctc_asr import training_variants
 
 

@@ -10,14 +10,13 @@ from vocalign.data.synthetic import (
     MAX_CLIP_SECONDS,
     PERCEPTION_CHOICES,
     STYLE_PHRASES,
-    TASKS,
     VOICE_GENDER,
     arithmetic,
-    make_task,
     number_to_words,
     perception,
     styled_speech,
 )
+from vocalign.data.tasks import TASKS, make_task, task
 from vocalign.data.types import STYLE_LEVELS, Prompt, Response, SpeechStyle
 
 AUDIO_TASKS = ("arithmetic", "transcription", "perception")
@@ -252,3 +251,11 @@ def test_unknown_style_options_are_errors():
         arithmetic(1, seed=0, styled=True, style_in="sung")
     with pytest.raises(ValueError, match="target_style='any' is not known"):
         arithmetic(1, seed=0, target_style="any")
+
+
+def test_every_task_registers_once_in_one_place() -> None:
+    assert set(TASKS) == {"arithmetic", "transcription", "perception", "styled_speech", "tool_use"}
+    with pytest.raises(ValueError, match="registered twice"):
+        task("arithmetic")(arithmetic)
+    with pytest.raises(ValueError, match="'arithmatic' is not known; use one of arithmetic"):
+        make_task("arithmatic", 1, 0)

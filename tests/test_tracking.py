@@ -388,7 +388,7 @@ def samples() -> Samples:
     answer's speech, rendered by the policy's own detokenizer as a spoken response is;
     the table then has a real clip for the recognizer, beside responses without speech.
     """
-    from vocalign.data.synthetic import make_task
+    from vocalign.data.tasks import make_task
     from vocalign.model.loading import embedded_policy
     from vocalign.model.policy import Sampling
     from vocalign.rewards import RewardSpec, score

@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch import nn
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy

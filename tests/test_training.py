@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import Message, Prompt, Rollout
 from vocalign.model.loading import embedded_policy, load_policy
 from vocalign.rewards import RewardSpec

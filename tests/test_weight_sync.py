@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.model.loading import embedded_policy
 from vocalign.model.policy import Policy, Sampling
 from vocalign.common.ray_cluster import ensure_ray

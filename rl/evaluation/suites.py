@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vocalign.data.synthetic import make_task
+from vocalign.data.tasks import make_task
 from vocalign.data.types import STYLE_LEVELS, Prompt, Rollout
 from vocalign.rewards.asr import transcribe_rollouts
 from vocalign.rewards.correctness import is_correct
