@@ -38,6 +38,7 @@ import torch
 
 from vocalign.data.types import Message, Prompt
 from vocalign.model.hf_text import CausalTextLM, text_policy
+from vocalign.model.lora import LORA_TARGETS
 from vocalign.model.policy import Policy, Sampling
 from vocalign.model.tokenizer import ChatTokenizer, build_tokenizer
 
@@ -46,7 +47,6 @@ PRESETS = {  # hidden, layers, heads, kv heads, intermediate
     "bench": (256, 4, 4, 2, 768),  # bench_trl.py's model
     "0.5b": (896, 24, 14, 2, 4864),  # Qwen2-0.5B's decoder
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_policy(tokenizer: ChatTokenizer, preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> Policy:
@@ -94,7 +94,7 @@ def agreement(tokenizer: ChatTokenizer, args) -> dict:
     for variant in ("full", "lora"):
         policy = make_policy(tokenizer, args.preset, args.device, torch.float32)
         if variant == "lora":
-            policy.enable_lora(r=8, alpha=16, target_modules=LORA_TARGETS)
+            policy.enable_lora(r=8, alpha=16, target_modules=list(LORA_TARGETS))
             with torch.no_grad():  # non-zero adapters, so merging and the LoRA forward matter
                 for name, p in policy.model.named_parameters():
                     if "lora_B" in name:

@@ -80,10 +80,10 @@ import torch
 from vocalign.data.synthetic import number_to_words
 from vocalign.data.types import Message, Prompt, Rollout
 from vocalign.model.hf_text import CausalTextLM, text_policy
+from vocalign.model.lora import LORA_TARGETS
 from vocalign.model.policy import Policy
 from vocalign.model.tokenizer import ChatTokenizer, build_tokenizer
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REWARD_NAME = "bench_digit_fraction"
 VARIANTS = ("lora", "full", "lora-kl", "full-kl")
 
@@ -258,7 +258,7 @@ def run_ours(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list
     torch.manual_seed(args.seed)
     policy = text_policy(CausalTextLM.from_pretrained(folder), tokenizer)
     if variant.startswith("lora"):
-        policy.enable_lora(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=LORA_TARGETS)
+        policy.enable_lora(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=list(LORA_TARGETS))
         if without == "ours-fused":
             from vocalign.model.lora import unfuse_lora
 
@@ -350,7 +350,7 @@ def run_trl(variant: str, folder: Path, tokenizer: ChatTokenizer, prompts: list[
     peft_config = None
     if variant.startswith("lora"):
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants a folder; nothing is written to it
         config = GRPOConfig(
             output_dir=scratch, max_steps=total_steps + extra_steps, learning_rate=args.lr, lr_scheduler_type="constant",

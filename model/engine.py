@@ -74,6 +74,15 @@ def _linear(module: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.
     return weight, base.bias
 
 
+
+def prompt_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, P, P] boolean attention mask of a left-padded prompt: causal, and only
+    over valid keys (`valid` [B, P]); a padding query attends to itself only, so no row of
+    the mask is empty (an empty row gives NaN)."""
+    P = valid.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
+    return (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=valid.device)
+
 class FastDecoder:
     """Prefill and one-token decode steps over a rollout copy of a Qwen2-family decoder.
 
@@ -202,9 +211,7 @@ class FastDecoder:
         self.valid = torch.zeros(B, capacity, dtype=torch.bool, device=device)
         self.valid[:, :P] = mask.bool()
         self.length = 0
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        # a padding query attends to itself only, so no row of the mask is empty (an empty row gives NaN)
-        attn_mask = (causal & self.valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+        attn_mask = prompt_attention_mask(self.valid[:, :P])
         return self._logits(self._forward(embeds.to(dtype), positions, attn_mask))
 
     @torch.no_grad()
@@ -311,9 +318,7 @@ class FastForward:
         U, P, _ = prompt_embeds.shape
         device = prompt_embeds.device
         valid = prompt_mask.bool()
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        # a padding query attends to itself only, so no row of the mask is empty (an empty row gives NaN)
-        mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+        mask = prompt_attention_mask(valid)
         cos, sin = self._rotary(prompt_embeds, prompt_positions)
         x, past = prompt_embeds, []
         mask = _Mask(mask, self.n_heads, self.n_kv)

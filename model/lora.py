@@ -96,3 +96,17 @@ def unfuse_lora(model: nn.Module, adapter: str = "default") -> int:
             del variants[adapter]
             n += 1
     return n
+
+
+# The linear layers a LoRA adapter wraps by default: attention and MLP projections of a Qwen2-style LM.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def attach_lora(lm: nn.Module, r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None) -> nn.Module:
+    """`lm` wrapped in peft LoRA adapters (only they train), their add fused into the matmul."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules or LORA_TARGETS))
+    lm = get_peft_model(lm, config)
+    fuse_lora(lm)
+    return lm

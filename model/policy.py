@@ -24,7 +24,7 @@ from torch import nn
 from vocalign.data.types import Prompt
 
 from .kernels import token_logprobs
-from .lora import fuse_lora
+from .lora import attach_lora
 from .tokenizer import ChatTokenizer
 
 
@@ -358,15 +358,18 @@ class Policy:
             return self._fast_hidden(engine, batch, head=True)
         if self._shares_prompts(batch):
             return self._shared_prompt_logits(batch)
+        logits, _ = self.model.decode(self._embeddings(batch), batch.attention_mask, _positions(batch.attention_mask))
+        return logits[:, batch.prompt_len - 1 : -1]
+
+    def _embeddings(self, batch: SequenceBatch) -> torch.Tensor:
+        """The input embeddings of whole sequences [B, P + R, H]. Audio goes into the prompt's
+        placeholders only: a response may contain the placeholder token too (sampling can
+        pick it), and generation embedded it as a token."""
         P = batch.prompt_len
-        # Audio goes into the prompt's placeholders only: a response may contain the
-        # placeholder token too (sampling can pick it), and generation embedded it as a token.
-        embeds = torch.cat([
+        return torch.cat([
             self.model.input_embeddings(batch.input_ids[:, :P], batch.encoded),
             self.model.input_embeddings(batch.input_ids[:, P:], None),
         ], dim=1)
-        logits, _ = self.model.decode(embeds, batch.attention_mask, _positions(batch.attention_mask))
-        return logits[:, P - 1 : -1]
 
     def _shared_prompt_logits(self, batch: SequenceBatch) -> torch.Tensor:
         P = batch.prompt_len
@@ -407,13 +410,8 @@ class Policy:
         engine = self.forward_for_training()
         if engine is not None:  # rows that share a prompt compute it once here too
             return self._fast_hidden(engine, batch, head=False)
-        P = batch.prompt_len
-        embeds = torch.cat([
-            self.model.input_embeddings(batch.input_ids[:, :P], batch.encoded),
-            self.model.input_embeddings(batch.input_ids[:, P:], None),
-        ], dim=1)
-        hidden = self.model.hidden_states(embeds, batch.attention_mask, _positions(batch.attention_mask))
-        return hidden[:, P - 1 : -1]
+        hidden = self.model.hidden_states(self._embeddings(batch), batch.attention_mask, _positions(batch.attention_mask))
+        return hidden[:, batch.prompt_len - 1 : -1]
 
     def audio_token_mask(self, batch: SequenceBatch) -> torch.Tensor:
         """1.0 where a response token is an audio token, else 0.0: [B, R]."""
@@ -424,13 +422,9 @@ class Policy:
     # -- LoRA and trainable state --------------------------------------------------------
     def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
         """Wrap the LM in peft LoRA adapters; the audio encoder and adaptor are frozen."""
-        from peft import LoraConfig, get_peft_model
-
-        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.lm = get_peft_model(self.model.lm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
-        fuse_lora(self.model.lm)  # the same LoRA, its add fused into the matmul (model/lora.py)
+        self.model.lm = attach_lora(self.model.lm, r, alpha, dropout, target_modules)
         self.lora = True
 
     def freeze_encoder(self) -> None:

@@ -268,48 +268,57 @@ def _check_on_error(spec: RewardSpec) -> None:
 
 
 def _run(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[float | None], int]:
-    """The scores of one reward and how many samples it failed on.
-
-    When the batch call raises, each sample is scored alone to find the ones that fail:
-    they get 0.0 or None (by on_error), the others keep their own score. Under `raise`
-    the first failing sample is named in the error.
-    """
-    try:
-        return _checked(spec, _call(fn, rollouts, spec.params), len(rollouts)), 0
-    except RewardError:
-        raise
-    except Exception as batch_error:
-        outcomes = []
-        for rollout in rollouts:
-            try:
-                outcomes.append(_checked(spec, _call(fn, [rollout], spec.params), 1)[0])
-            except RewardError:
-                raise
-            except Exception as error:
-                outcomes.append(error)
-                if spec.on_error == "raise":
-                    break  # the first failing sample is the one the error names
-        return _per_sample(spec, rollouts, outcomes, batch_error)
+    """The scores of one plain reward and how many samples it failed on (see `_plan`)."""
+    plan = _plan(spec, rollouts)
+    batch = next(plan)
+    while True:
+        try:
+            outcome = _call(fn, batch, spec.params)
+        except RewardError:
+            raise
+        except Exception as error:
+            outcome = error
+        try:
+            batch = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
 
 
 async def _run_async(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[float | None], int]:
     """`_run` for an `async` reward, awaited in the caller's event loop."""
-    try:
-        return _checked(spec, await fn(rollouts, **spec.params), len(rollouts)), 0
-    except RewardError:
-        raise
-    except Exception as batch_error:
-        outcomes = []
-        for rollout in rollouts:
-            try:
-                outcomes.append(_checked(spec, await fn([rollout], **spec.params), 1)[0])
-            except RewardError:
-                raise
-            except Exception as error:
-                outcomes.append(error)
-                if spec.on_error == "raise":
-                    break  # the first failing sample is the one the error names
-        return _per_sample(spec, rollouts, outcomes, batch_error)
+    plan = _plan(spec, rollouts)
+    batch = next(plan)
+    while True:
+        try:
+            outcome = await fn(batch, **spec.params)
+        except RewardError:
+            raise
+        except Exception as error:
+            outcome = error
+        try:
+            batch = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+
+def _plan(spec: RewardSpec, rollouts: list[Rollout]):
+    """What to score, as a generator: it yields a batch and is sent the reward's result (or
+    the exception it raised); its return value is (scores, failures).
+
+    The whole batch comes first. When that call raises, each sample is scored alone to
+    find the ones that fail: they get 0.0 or None (by on_error), the others keep their own
+    score. Under `raise` the first failing sample is named in the error.
+    """
+    result = yield rollouts
+    if not isinstance(result, Exception):
+        return _checked(spec, result, len(rollouts)), 0
+    outcomes: list[float | None | Exception] = []
+    for rollout in rollouts:
+        single = yield [rollout]
+        outcomes.append(single if isinstance(single, Exception) else _checked(spec, single, 1)[0])
+        if isinstance(single, Exception) and spec.on_error == "raise":
+            break  # the first failing sample is the one the error names
+    return _per_sample(spec, rollouts, outcomes, result)
 
 
 def _per_sample(

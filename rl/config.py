@@ -354,15 +354,20 @@ def _tool_problems(ro: RolloutConfig) -> list[str]:
             get_tool(name)
         except ValueError as e:
             problems.append(f"rollouts.tools: {e}")
-    for name, options in ro.tool_options.items():
-        if name not in ro.tools:
-            problems.append(f"rollouts.tool_options.{name} is set, but {name} is not in rollouts.tools {list(ro.tools)}; "
-                            f"enable it or remove its options")
-            continue
+    # options are keyed by the name the model calls the tool, as the rollouts look them up
+    enabled = {}
+    for reference in ro.tools:
         try:
-            tool = get_tool(name)
+            enabled[get_tool(reference).name] = get_tool(reference)
         except ValueError:
             continue
+    for name, options in ro.tool_options.items():
+        if name not in enabled:
+            problems.append(f"rollouts.tool_options.{name} is set, but no tool called {name} is in rollouts.tools "
+                            f"{list(ro.tools)}; enable it or remove its options (a 'module:function' tool is keyed by "
+                            f"its tool name)")
+            continue
+        tool = enabled[name]
         import difflib
 
         for key in options:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vocalign.model.lora import attach_lora
 from vocalign.model.policy import Policy, SequenceBatch
 
 CRITIC_NAME = "critic.safetensors"
@@ -30,14 +31,7 @@ class ValueModel(nn.Module):
             p.requires_grad_(False)
         self.lora = lora is not None
         if lora:
-            from peft import LoraConfig, get_peft_model
-
-            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            self.body.lm = get_peft_model(self.body.lm, LoraConfig(
-                r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets))
-            from vocalign.model.lora import fuse_lora
-
-            fuse_lora(self.body.lm)
+            self.body.lm = attach_lora(self.body.lm, lora["r"], lora["alpha"], lora["dropout"])
         else:
             for p in self.body.lm.parameters():
                 p.requires_grad_(True)

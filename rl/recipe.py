@@ -356,17 +356,20 @@ def is_secret_key(name: str) -> bool:
     return bool(words) and words[-1] == "token" and not (len(words) == 2 and words[0] in _SPECIAL_TOKENS)
 
 
-def redact_secrets(data: Any) -> Any:
-    """A copy of nested dicts/lists with every set value under a secret-looking key hidden."""
+def redact_secrets(data: Any, strings_only: bool = False) -> Any:
+    """A copy of nested dicts/lists with every set value under a secret-looking key hidden.
+
+    `strings_only` hides only strings: logged metrics keep their numbers (a metric such as
+    `reward/<name>` is never a credential, and must stay a number)."""
     if isinstance(data, Mapping):
         return {
             key: REDACTED
-            if is_secret_key(str(key)) and value not in (None, "")
-            else redact_secrets(value)
+            if is_secret_key(str(key)) and value not in (None, "") and (isinstance(value, str) or not strings_only)
+            else redact_secrets(value, strings_only)
             for key, value in data.items()
         }
     if isinstance(data, list | tuple):
-        return [redact_secrets(item) for item in data]
+        return [redact_secrets(item, strings_only) for item in data]
     return data
 
 

@@ -217,7 +217,7 @@ class RunTracker:
                 "metrics must not contain 'step'; pass the step as the `step` argument"
             )
         # a string under a secret-looking name (a token echoed by mistake) is hidden like in config.yaml
-        values = _hide_secret_strings({key: _plain_metric(key, value) for key, value in metrics.items()})
+        values = redact_secrets({key: _plain_metric(key, value) for key, value in metrics.items()}, strings_only=True)
         row = {"step": int(step), **{key: _finite_or_none(value) for key, value in values.items()}}
         self._metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
         self._metrics_file.flush()
@@ -226,7 +226,7 @@ class RunTracker:
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Add final numbers to summary.json (rewritten each call) and the W&B summary."""
-        values = _hide_secret_strings(dict(values))
+        values = redact_secrets(dict(values), strings_only=True)
         self._summary.update(values)
         text = json.dumps(_finite_or_none(self._summary), indent=2, allow_nan=False)
         self.summary_path.write_text(text + "\n", encoding="utf-8")
@@ -409,20 +409,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file, in order."""
     with Path(path).open(encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]
-
-
-def _hide_secret_strings(data: Any) -> Any:
-    """A copy with each non-empty string under a secret-looking key (see `is_secret_key`)
-    replaced by the redaction mark. Numbers stay: a metric such as `reward/<name>` is
-    never a credential, and must stay a number."""
-    if isinstance(data, Mapping):
-        return {
-            key: REDACTED if isinstance(value, str) and value and is_secret_key(str(key)) else _hide_secret_strings(value)
-            for key, value in data.items()
-        }
-    if isinstance(data, list | tuple):
-        return [_hide_secret_strings(item) for item in data]
-    return data
 
 
 def _plain_metric(key: str, value: Any) -> float | int | str | bool:
