@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable)
 
 
 class Registry(Generic[T]):
     """Entries of one `kind` ("reward", "tool") by name; errors name the closest match."""
 
-    def __init__(self, kind: str, advice: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, advice: str, plural: str | None = None) -> None:
+        self.kind, self.plural = kind, plural or f"{kind}s"
         self.advice = advice  # how to add or reference an entry, said when a name is unknown
         self._entries: dict[str, T] = {}
         self._owners: dict[str, Callable] = {}
@@ -40,9 +41,18 @@ class Registry(Generic[T]):
             module, _, function = name.rpartition(".")
             hint += f"to import a function, write 'package.module:function' (e.g. '{module}:{function}'); "
         raise ValueError(
-            f"{self.kind} {name!r} is not registered; {hint}registered {self.kind}s: "
+            f"{self.kind} {name!r} is not registered; {hint}registered {self.plural}: "
             f"{', '.join(sorted(self._entries)) or 'none'}. {self.advice}"
         )
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """A decorator that registers the decorated function (or class) as `name` and returns it unchanged."""
+
+        def add(fn: F) -> F:
+            self.add(name, fn, fn)  # type: ignore[arg-type]
+            return fn
+
+        return add
 
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)
@@ -50,7 +60,7 @@ class Registry(Generic[T]):
 
     def copy(self) -> Registry[T]:
         """A registry with the same entries (tests register into a copy and leave this one alone)."""
-        other: Registry[T] = Registry(self.kind, self.advice)
+        other: Registry[T] = Registry(self.kind, self.advice, self.plural)
         other._entries, other._owners = dict(self._entries), dict(self._owners)
         return other
 

@@ -12,29 +12,18 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vocalign.common.registry import Registry
+
 from .types import Prompt
 
 TaskFn = Callable[..., list[Prompt]]
-TASKS: dict[str, TaskFn] = {}
-
-
-def task(name: str) -> Callable[[TaskFn], TaskFn]:
-    """Register the decorated function as the synthetic task `name`; the function is returned unchanged."""
-
-    def register(fn: TaskFn) -> TaskFn:
-        if name in TASKS:
-            raise ValueError(f"synthetic task {name!r} is registered twice ({TASKS[name].__module__} and {fn.__module__})")
-        TASKS[name] = fn
-        return fn
-
-    return register
+TASKS: Registry[TaskFn] = Registry("synthetic task", "Register one with @task(name) (vocalign.data.tasks).")
+task = TASKS.register  # @task("name") registers the decorated function as that task
 
 
 def make_task(name: str, n: int, seed: int, **params) -> list[Prompt]:
-    """`n` prompts of the task called `name` (a key of TASKS); `params` go to its function."""
-    if name not in TASKS:
-        raise ValueError(f"synthetic task {name!r} is not known; use one of {', '.join(TASKS)}")
-    return TASKS[name](n, seed, **params)
+    """`n` prompts of the task called `name` (see TASKS); `params` go to its function."""
+    return TASKS.get(name)(n, seed, **params)
 
 
 def check_count(n: int, task: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from vocalign.common.registry import Registry
 from vocalign.data.espeak import resample
 
 
@@ -36,7 +37,7 @@ class ASRBackend(Protocol):
 
 ASR_SAMPLE_RATE = 16000  # every clip of a batch is brought to one rate, so the ASR runs once
 
-_BACKENDS: dict[str, Callable[..., ASRBackend]] = {}
+_BACKENDS: Registry[Callable[..., ASRBackend]] = Registry("ASR backend", "Register a new one with @register_asr(name).")
 _BUILT: dict[tuple[str, str], ASRBackend] = {}
 _LOCK = threading.Lock()
 
@@ -46,30 +47,20 @@ _Factory = TypeVar("_Factory", bound=Callable[..., ASRBackend])
 def register_asr(name: str) -> Callable[[_Factory], _Factory]:
     """Class/factory decorator: make a backend buildable as `get_asr(name, **kwargs)`."""
 
-    def register(factory: _Factory) -> _Factory:
-        if name in _BACKENDS:
-            raise ValueError(f"ASR backend {name!r} is already registered (by {_BACKENDS[name]!r}); pick another name")
-        _BACKENDS[name] = factory
-        return factory
-
-    return register
+    return _BACKENDS.register(name)
 
 
 def available_asr() -> list[str]:
-    return sorted(_BACKENDS)
+    return list(_BACKENDS)
 
 
 def get_asr(name: str = "embedded", **kwargs: Any) -> ASRBackend:
     """The backend registered as `name`, built with `kwargs` once per process and then reused."""
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"ASR backend {name!r} is not known; known: {', '.join(available_asr())}. "
-            "Register a new one with @register_asr(name)."
-        )
+    factory = _BACKENDS.get(name)
     key = (name, repr(sorted(kwargs.items())))  # repr: kwargs may hold unhashable values (lists, dicts)
     with _LOCK:
         if key not in _BUILT:
-            _BUILT[key] = _BACKENDS[name](**kwargs)
+            _BUILT[key] = factory(**kwargs)
         return _BUILT[key]
 
 

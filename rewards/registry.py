@@ -268,29 +268,26 @@ def _check_on_error(spec: RewardSpec) -> None:
 
 
 def _run(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[float | None], int]:
-    """The scores of one plain reward and how many samples it failed on (see `_plan`)."""
-    plan = _plan(spec, rollouts)
-    batch = next(plan)
-    while True:
-        try:
-            outcome = _call(fn, batch, spec.params)
-        except RewardError:
-            raise
-        except Exception as error:
-            outcome = error
-        try:
-            batch = plan.send(outcome)
-        except StopIteration as done:
-            return done.value
+    """The scores of one plain reward and how many samples it failed on (see `_plan`).
+
+    `_run_async` with a plain function never suspends: one send runs it to the end."""
+    coroutine = _run_async(spec, fn, rollouts)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError(f"reward {spec.name!r}: a plain reward's scoring suspended; declare it `async def`")
 
 
 async def _run_async(spec: RewardSpec, fn: RewardFn, rollouts: list[Rollout]) -> tuple[list[float | None], int]:
-    """`_run` for an `async` reward, awaited in the caller's event loop."""
+    """The scores of one reward (an `async` one awaited in the caller's event loop) and its failure count."""
+    is_async = inspect.iscoroutinefunction(fn)
     plan = _plan(spec, rollouts)
     batch = next(plan)
     while True:
         try:
-            outcome = await fn(batch, **spec.params)
+            outcome = await fn(batch, **spec.params) if is_async else _call(fn, batch, spec.params)
         except RewardError:
             raise
         except Exception as error:

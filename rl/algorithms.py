@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vocalign.common.registry import Registry
+
 
 STD_SCOPES = ("group", "batch")
 
@@ -336,26 +338,15 @@ class Advantages:
 
 
 AdvantageEstimator = Callable[[AdvantageInput], Advantages]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Register an advantage estimator under `name` (the value of `rl.advantage`; "gae" is PPO's)."""
-
-    def add(fn: AdvantageEstimator) -> AdvantageEstimator:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return add
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry(
+    "advantage estimator", "Register one with @register_advantage(name) (vocalign.rl.algorithms).")
+# @register_advantage("name") registers an estimator under the value of `rl.advantage` ("gae" is PPO's)
+register_advantage = ADVANTAGE_ESTIMATORS.register
 
 
 def compute_advantages(estimator: str, batch: AdvantageInput) -> Advantages:
     """The advantages of one step by the named estimator (group, rloo, reinforce++ or gae)."""
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"advantage estimator {estimator!r} is not known; use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[estimator](batch)
+    return ADVANTAGE_ESTIMATORS.get(estimator)(batch)
 
 
 def _sequence_rewards(batch: AdvantageInput) -> torch.Tensor:
@@ -414,25 +405,14 @@ class PolicyLoss:
 
 
 PolicyLossFn = Callable[..., PolicyLoss]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry(
+    "policy loss", "Register one with @register_policy_loss(name) (vocalign.rl.algorithms).", "policy losses")
+# @register_policy_loss("name") registers a loss under the value of `loss.policy`. It takes (logprobs,
+# old_logprobs, advantages, mask, clip_low, clip_high, ratio_max), advantages per sequence ([B]) or
+# per token ([B, T]), and returns a `PolicyLoss`.
+register_policy_loss = POLICY_LOSSES.register
 # old spellings still accepted, with the name to use instead
 POLICY_LOSS_ALIASES = {"ppo": "clip"}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Register a policy loss under `name` (the value of `loss.policy`).
-
-    The function takes (logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
-    ratio_max), advantages per sequence ([B]) or per token ([B, T]), and returns a `PolicyLoss`.
-    """
-
-    def add(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return add
 
 
 def policy_loss(
@@ -440,10 +420,7 @@ def policy_loss(
     clip_low: float, clip_high: float | None = None, ratio_max: float | None = None,
 ) -> PolicyLoss:
     """The named policy loss of one micro-batch."""
-    name = POLICY_LOSS_ALIASES.get(name, name)
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"policy loss {name!r} is not known; use one of {', '.join(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name](logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max)
+    return POLICY_LOSSES.get(POLICY_LOSS_ALIASES.get(name, name))(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio_max)
 
 
 @register_policy_loss("clip")

@@ -35,7 +35,7 @@ def embedded() -> ASRBackend:
 
 def test_registry_lists_and_explains_unknown_names() -> None:
     assert {"embedded", "whisper"} <= set(available_asr())
-    with pytest.raises(ValueError, match="'wav2vec'.*known: .*embedded.*whisper"):
+    with pytest.raises(ValueError, match="ASR backend 'wav2vec' is not registered; registered ASR backends: .*embedded.*whisper.*@register_asr"):
         get_asr("wav2vec")
 
 

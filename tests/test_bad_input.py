@@ -128,7 +128,7 @@ def test_too_few_rows_and_sft_rows_without_a_response(clips, tmp_path, capsys) -
     (["rollouts.tools=[calculator]", "rollouts.tool_options={calculator: {api_ur: x}}"],
      "rollouts.tool_options.calculator.api_ur is not an option of calculator"),
     (["rollouts.tools=[retrieval]", "rollouts.tool_options={retrieval: {rot: docs}}"], "did you mean 'root'?"),
-    (["rollouts.tool_options={weather: {api_url: x}}"], "weather is not in rollouts.tools"),
+    (["rollouts.tool_options={weather: {api_url: x}}"], "no tool called weather is in rollouts.tools"),
     (["data.train_file=no/such.jsonl"], "data.train_file=no/such.jsonl does not exist"),
 ])
 def test_bad_values_are_refused_before_anything_runs(overrides, message, tmp_path, capsys) -> None:

@@ -203,7 +203,7 @@ def test_perception_gender_voices_differ_in_f0():
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="'algebra' is not known; use one of arithmetic, transcription"):
+    with pytest.raises(ValueError, match="synthetic task 'algebra' is not registered; registered synthetic tasks: arithmetic, perception"):
         make_task("algebra", 1, seed=0)
 
 
@@ -255,7 +255,7 @@ def test_unknown_style_options_are_errors():
 
 def test_every_task_registers_once_in_one_place() -> None:
     assert set(TASKS) == {"arithmetic", "transcription", "perception", "styled_speech", "tool_use"}
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         task("arithmetic")(arithmetic)
-    with pytest.raises(ValueError, match="'arithmatic' is not known; use one of arithmetic"):
+    with pytest.raises(ValueError, match="'arithmatic' is not registered; did you mean 'arithmetic'"):
         make_task("arithmatic", 1, 0)
