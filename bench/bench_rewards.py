@@ -62,7 +62,7 @@ def make_rollouts(n: int, seed: int = 0) -> list[Rollout]:
 
 def tiny_reward_model(folder: str) -> str:
     from vocalign.rewards.training.preference_data import preference_pairs
-    from vocalign.rewards.reward_model import RewardModelConfig, train_reward_model
+    from vocalign.rewards.training.reward_model import RewardModelConfig, train_reward_model
 
     config = RewardModelConfig(steps=30, train_pairs=256, eval_pairs=32)
     train_reward_model(preference_pairs(config.train_pairs, seed=0), folder, config, seed=0, progress=False)

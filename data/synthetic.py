@@ -197,17 +197,7 @@ def arithmetic(
     larger operands, several spoken style requests or slow "wide" prosody make longer
     questions, and a clip over `max_seconds` is an error.
     """
-    check_count(n, "arithmetic")
-    if not 0 <= min_operand <= max_operand:
-        raise ValueError(f"arithmetic: operands {min_operand}..{max_operand}: need 0 <= min_operand <= max_operand")
-    if not 0.0 <= no_request <= 1.0:
-        raise ValueError(f"arithmetic: no_request={no_request} is a share of the prompts; use a value in [0, 1]")
-    if styled:
-        _check_max_attributes(max_attributes, "arithmetic")
-    if style_in not in ("audio", "text"):
-        raise ValueError(f"arithmetic: style_in={style_in!r} is not known; use 'audio' (spoken) or 'text'")
-    if target_style not in ("requested", "random"):
-        raise ValueError(f"arithmetic: target_style={target_style!r} is not known; use 'requested' or 'random'")
+    _check_arithmetic(n, min_operand, max_operand, no_request, styled, max_attributes, style_in, target_style)
     speakers = resolve_voices(voices)
     conditions = Conditions(prosody, warp, noise)
     rng = np.random.default_rng(seed)
@@ -217,7 +207,6 @@ def arithmetic(
         op = "plus" if rng.random() < 0.5 else "minus"
         if op == "minus" and b > a:
             a, b = b, a
-        answer = a + b if op == "plus" else a - b
         question = f"what is {number_to_words(a)} {op} {number_to_words(b)}"
         style = _draw_style(rng, max_attributes) if styled else {}
         if styled and no_request and rng.random() < no_request:
@@ -229,22 +218,45 @@ def arithmetic(
         spoken_style = style
         if target_style == "random":
             spoken_style = {attr: levels[int(rng.integers(len(levels)))] for attr, levels in STYLE_LEVELS.items()}
-        meta = {"question": question, "answer": answer, "operands": [a, b], "op": op}
-        if styled:
-            meta["style"] = style
-        prompts.append(
-            Prompt(
-                id=f"arithmetic{'-styled' if styled else ''}-{seed}-{i}",
-                messages=[Message("human", request if style_in == "text" else "")],
-                task="arithmetic",
-                meta=meta,
-                target=Response(
-                    text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**spoken_style),
-                    think=" ".join(filter(None, [f"{number_to_words(a)} {op} {number_to_words(b)}", request])) if think else None,
-                ),
-            )
-        )
+        prompt_id = f"arithmetic{'-styled' if styled else ''}-{seed}-{i}"
+        prompts.append(_arithmetic_prompt(prompt_id, (a, op, b), question, request, style if styled else None,
+                                          spoken_style, style_in, think))
     return attach_audio(prompts, clips, sample_rate, max_seconds, seed)
+
+
+def _check_arithmetic(n: int, min_operand: int, max_operand: int, no_request: float, styled: bool, max_attributes: int,
+                      style_in: str, target_style: str) -> None:
+    check_count(n, "arithmetic")
+    if not 0 <= min_operand <= max_operand:
+        raise ValueError(f"arithmetic: operands {min_operand}..{max_operand}: need 0 <= min_operand <= max_operand")
+    if not 0.0 <= no_request <= 1.0:
+        raise ValueError(f"arithmetic: no_request={no_request} is a share of the prompts; use a value in [0, 1]")
+    if styled:
+        _check_max_attributes(max_attributes, "arithmetic")
+    if style_in not in ("audio", "text"):
+        raise ValueError(f"arithmetic: style_in={style_in!r} is not known; use 'audio' (spoken) or 'text'")
+    if target_style not in ("requested", "random"):
+        raise ValueError(f"arithmetic: target_style={target_style!r} is not known; use 'requested' or 'random'")
+
+
+def _arithmetic_prompt(prompt_id: str, operation: tuple[int, str, int], question: str, request: str,
+                       style: dict[str, str] | None, spoken_style: dict[str, str], style_in: str, think: bool) -> Prompt:
+    """One arithmetic prompt (its audio attached later); `style` is None for an unstyled task."""
+    a, op, b = operation
+    answer = a + b if op == "plus" else a - b
+    meta = {"question": question, "answer": answer, "operands": [a, b], "op": op}
+    if style is not None:
+        meta["style"] = style
+    return Prompt(
+        id=prompt_id,
+        messages=[Message("human", request if style_in == "text" else "")],
+        task="arithmetic",
+        meta=meta,
+        target=Response(
+            text=str(answer), speech=number_to_words(answer), style=SpeechStyle(**spoken_style),
+            think=" ".join(filter(None, [f"{number_to_words(a)} {op} {number_to_words(b)}", request])) if think else None,
+        ),
+    )
 
 
 @task("transcription")

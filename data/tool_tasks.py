@@ -110,17 +110,7 @@ def tool_use(
     `rows` is "call", "answer" or "both" (see the module doc); with "both" the call gives
     2n prompts.
     """
-    check_count(n, "tool_use")
-    if rows not in ROWS:
-        raise ValueError(f"tool_use: rows={rows!r} is not known; use one of {', '.join(ROWS)}")
-    bad = [k for k in kinds if k not in TOOL_TASK_KINDS] or ([] if kinds else ["(none)"])
-    if bad:
-        raise ValueError(f"tool_use: kinds={list(kinds)!r}: use one or more of {', '.join(TOOL_TASK_KINDS)}")
-    bad_ops = [o for o in ops if o not in CALCULATOR_OPS] or ([] if ops else ["(none)"])
-    if bad_ops:
-        raise ValueError(f"tool_use: ops={list(ops)!r}: use one or more of {', '.join(CALCULATOR_OPS)}")
-    if max_operand < 2:
-        raise ValueError(f"tool_use: max_operand={max_operand} must be at least 2")
+    _check_tool_use(n, kinds, ops, rows, max_operand)
     speakers = resolve_voices(voices) if spoken else []
     conditions = Conditions(prosody, warp, noise)
     header = tools_message(sorted(set(kinds)), describe_tools)
@@ -150,18 +140,36 @@ def tool_use(
         return prompts
     out = []
     for prompt, q in zip(prompts, questions):
-        meta = prompt.meta
-        call = prompt.target.text
-        result = run_tool_call(call, [meta["expected_tool"]])
-        if not result.ok:  # the task drew a question its own tool cannot answer: a bug here
-            raise RuntimeError(f"tool_use: the reference call {call!r} failed: {result.text}")
-        answer_row = Prompt(
-            id=f"{prompt.id}-answer",
-            messages=[*prompt.messages, Message("assistant", call), Message("input", result.text)],
-            task="tool_use", meta={**meta, "tool_result": result.text}, target=_answer(q, speak_answer),
-        )
+        answer_row = _answer_row(prompt, q, speak_answer)
         out += [prompt, answer_row] if rows == "both" else [answer_row]
     return out
+
+
+def _check_tool_use(n: int, kinds: Sequence[str], ops: Sequence[str], rows: str, max_operand: int) -> None:
+    check_count(n, "tool_use")
+    if rows not in ROWS:
+        raise ValueError(f"tool_use: rows={rows!r} is not known; use one of {', '.join(ROWS)}")
+    bad = [k for k in kinds if k not in TOOL_TASK_KINDS] or ([] if kinds else ["(none)"])
+    if bad:
+        raise ValueError(f"tool_use: kinds={list(kinds)!r}: use one or more of {', '.join(TOOL_TASK_KINDS)}")
+    bad_ops = [o for o in ops if o not in CALCULATOR_OPS] or ([] if ops else ["(none)"])
+    if bad_ops:
+        raise ValueError(f"tool_use: ops={list(ops)!r}: use one or more of {', '.join(CALCULATOR_OPS)}")
+    if max_operand < 2:
+        raise ValueError(f"tool_use: max_operand={max_operand} must be at least 2")
+
+
+def _answer_row(prompt: Prompt, question: dict, speak_answer: bool) -> Prompt:
+    """The row after the tool call: the call and its result in the context, the answer as target."""
+    meta, call = prompt.meta, prompt.target.text
+    result = run_tool_call(call, [meta["expected_tool"]])
+    if not result.ok:  # the task drew a question its own tool cannot answer: a bug here
+        raise RuntimeError(f"tool_use: the reference call {call!r} failed: {result.text}")
+    return Prompt(
+        id=f"{prompt.id}-answer",
+        messages=[*prompt.messages, Message("assistant", call), Message("input", result.text)],
+        task="tool_use", meta={**meta, "tool_result": result.text}, target=_answer(question, speak_answer),
+    )
 
 
 def _calculator_question(rng: np.random.Generator, max_operand: int, ops: Sequence[str]) -> dict:

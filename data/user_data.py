@@ -317,28 +317,7 @@ def _row_to_prompt(
     if "messages" in row:
         if "prompt" in row or "audio" in row:
             raise bad("the row has both 'messages' and 'prompt'/'audio'; give the conversation one way")
-        turns = row["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise bad(f"'messages' is {turns!r}; give a non-empty list of {{role, content, audio}} turns")
-        for k, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise bad(f"messages[{k}] is {turn!r}; give each turn as a {{role, content, audio}} dict")
-            if turn.get("role") not in ROLES:
-                raise bad(
-                    f"messages[{k}] has role {turn.get('role')!r}, which is not known; use one of {', '.join(ROLES)}"
-                )
-            content = turn.get("content", "")
-            if not isinstance(content, str):
-                raise bad(f"messages[{k}].content is a {type(content).__name__}, not text; give the turn's text as a string")
-            if turn["role"] == "system" and system is not None:
-                raise bad("the row has both 'system' and a system turn in 'messages'; give the system text once")
-            audio = audio_of(turn["audio"], f"messages[{k}].audio") if turn.get("audio") is not None else None
-            messages.append(Message(turn["role"], content, audio))
-        if messages[-1].role not in _LAST_ROLES:
-            raise bad(
-                f"the last turn of 'messages' has role {messages[-1].role!r}; a prompt ends with a "
-                f"{' or '.join(_LAST_ROLES)} turn for the model to answer (put the reference answer in 'response')"
-            )
+        messages += _conversation(row["messages"], system is not None, bad, audio_of)
     elif "prompt" in row or "audio" in row:
         text = row.get("prompt", "")
         if not isinstance(text, str):
@@ -356,6 +335,31 @@ def _row_to_prompt(
         _check_style(meta["style"], bad, "style")
     target = _response(row["response"], bad) if "response" in row else None
     return Prompt(id=row_id, messages=messages, task=task, meta=meta, target=target)
+
+
+def _conversation(turns: Any, has_system: bool, bad: _Bad, audio_of: Callable[[Any, str], Audio]) -> list[Message]:
+    """A row's `messages`: {role, content, audio} turns ending with one for the model to answer."""
+    if not isinstance(turns, list) or not turns:
+        raise bad(f"'messages' is {turns!r}; give a non-empty list of {{role, content, audio}} turns")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise bad(f"messages[{k}] is {turn!r}; give each turn as a {{role, content, audio}} dict")
+        if turn.get("role") not in ROLES:
+            raise bad(f"messages[{k}] has role {turn.get('role')!r}, which is not known; use one of {', '.join(ROLES)}")
+        content = turn.get("content", "")
+        if not isinstance(content, str):
+            raise bad(f"messages[{k}].content is a {type(content).__name__}, not text; give the turn's text as a string")
+        if turn["role"] == "system" and has_system:
+            raise bad("the row has both 'system' and a system turn in 'messages'; give the system text once")
+        audio = audio_of(turn["audio"], f"messages[{k}].audio") if turn.get("audio") is not None else None
+        messages.append(Message(turn["role"], content, audio))
+    if messages[-1].role not in _LAST_ROLES:
+        raise bad(
+            f"the last turn of 'messages' has role {messages[-1].role!r}; a prompt ends with a "
+            f"{' or '.join(_LAST_ROLES)} turn for the model to answer (put the reference answer in 'response')"
+        )
+    return messages
 
 
 def _response(value: Any, bad: _Bad) -> Response:

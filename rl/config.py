@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vocalign.rewards import RewardSpec
-from vocalign.rewards.reward_model import RewardModelConfig, reward_model_problems
+from vocalign.rewards.training.reward_model import RewardModelConfig, reward_model_problems
 
 
 @dataclass

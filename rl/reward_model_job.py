@@ -16,7 +16,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vocalign.rewards.training.preference_data import held_out_pairs, preference_pairs
-from vocalign.rewards.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
+from vocalign.rewards.reward_model import load_reward_model
+from vocalign.rewards.training.reward_model import pairwise_accuracy, train_reward_model
 
 from .checkpoint import seed_everything
 from .config import Recipe

@@ -12,6 +12,7 @@ from vocalign.data.espeak import synthesize
 from vocalign.data.types import Message, Prompt, Rollout, SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
 from vocalign.rewards import paralinguistic as para
+from vocalign.rewards import prosody
 from vocalign.rewards.registry import get_reward
 
 SR = 16000
@@ -36,7 +37,7 @@ def rollout(waveform: np.ndarray | None, meta: dict, spoken_text: str = "", samp
 
 def detected(waveform: np.ndarray, text: str | None, voice: str = "en-us") -> dict[str, str]:
     baseline = para.voice_baseline(voice)
-    return para.detect_style(para.measure(waveform, SR, text, f0_range=baseline.f0_range), baseline)
+    return para.detect_style(prosody.measure(waveform, SR, text, f0_range=baseline.f0_range), baseline)
 
 
 # --------------------------------------------------------------------- features
@@ -44,7 +45,7 @@ def detected(waveform: np.ndarray, text: str | None, voice: str = "en-us") -> di
 
 def test_sine_f0_is_measured_within_two_percent():
     t = np.arange(SR) / SR
-    features = para.measure((0.3 * np.sin(2 * np.pi * 200.0 * t)).astype(np.float32), SR)
+    features = prosody.measure((0.3 * np.sin(2 * np.pi * 200.0 * t)).astype(np.float32), SR)
     assert features.has_speech
     assert features.f0_median_hz == pytest.approx(200.0, rel=0.02)
     assert features.f0_range_st < 0.5  # a steady tone has no pitch range
@@ -52,14 +53,14 @@ def test_sine_f0_is_measured_within_two_percent():
 
 def test_sine_at_another_sample_rate_is_resampled_first():
     t = np.arange(22050) / 22050
-    features = para.measure((0.3 * np.sin(2 * np.pi * 150.0 * t)).astype(np.float32), 22050)
+    features = prosody.measure((0.3 * np.sin(2 * np.pi * 150.0 * t)).astype(np.float32), 22050)
     assert features.f0_median_hz == pytest.approx(150.0, rel=0.02)
     assert features.seconds == pytest.approx(1.0, abs=0.03)
 
 
 def test_half_amplitude_is_six_db_quieter(detok):
     wav = speak(detok, "the answer is seven")
-    full, half = para.measure(wav, SR), para.measure(0.5 * wav, SR)
+    full, half = prosody.measure(wav, SR), prosody.measure(0.5 * wav, SR)
     assert full.energy_db - half.energy_db == pytest.approx(20 * math.log10(2), abs=0.05)
     assert full.level_db - half.level_db == pytest.approx(20 * math.log10(2), abs=0.05)
 
@@ -67,14 +68,14 @@ def test_half_amplitude_is_six_db_quieter(detok):
 def test_silence_is_trimmed_from_the_duration(detok):
     wav = speak(detok, "fourteen")
     padded = np.concatenate([np.zeros(SR // 2, np.float32), wav, np.zeros(SR, np.float32)])
-    assert para.measure(padded, SR).seconds == pytest.approx(para.measure(wav, SR).seconds, abs=0.011)
+    assert prosody.measure(padded, SR).seconds == pytest.approx(prosody.measure(wav, SR).seconds, abs=0.011)
 
 
 @pytest.mark.parametrize(
     "waveform", [None, np.zeros(0, np.float32), np.zeros(SR, np.float32), np.ones(320, np.float32) * 0.1]
 )
 def test_empty_silent_and_very_short_clips_have_no_speech(waveform):
-    features = para.measure(waveform, SR, "seven")
+    features = prosody.measure(waveform, SR, "seven")
     assert not features.has_speech
     assert features.syllables_per_second is None and features.tempo_log is None
     assert para.relative_prosody(features, para.voice_baseline()) == {}
@@ -82,9 +83,9 @@ def test_empty_silent_and_very_short_clips_have_no_speech(waveform):
 
 def test_phoneme_counts_of_seven():
     # espeak-ng en-us: s 'E v @ n -> one stressed vowel, one unstressed, three consonants
-    assert para.phoneme_counts("seven") == {"stressed": 1, "unstressed": 1, "consonant": 3, "word": 1}
+    assert prosody.phoneme_counts("seven") == {"stressed": 1, "unstressed": 1, "consonant": 3, "word": 1}
     expected = 0.125 + 0.135 + 0.045 + 3 * 0.050 + 0.031
-    assert para.expected_seconds("seven") == pytest.approx(expected)
+    assert prosody.expected_seconds("seven") == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------ levels
@@ -110,7 +111,7 @@ def test_pitch_is_relative_to_the_voice():
     text = "the train leaves at nine fifteen"
     female_low = synthesize(text, "en-us+f2", pitch=20, sample_rate=SR)
     male_normal = synthesize(text, "en-us", sample_rate=SR)
-    assert para.measure(female_low, SR).f0_level_hz > para.measure(male_normal, SR).f0_level_hz
+    assert prosody.measure(female_low, SR).f0_level_hz > prosody.measure(male_normal, SR).f0_level_hz
     assert detected(female_low, text, voice="en-us+f2")["pitch"] == "low"
     assert detected(male_normal, text)["pitch"] == "normal"
 
@@ -118,8 +119,8 @@ def test_pitch_is_relative_to_the_voice():
 def test_rate_without_text_orders_slow_below_fast(detok):
     text = "the train leaves at nine forty five"
     baseline = para.voice_baseline()
-    slow = para.relative_prosody(para.measure(speak(detok, text, rate="slow"), SR, f0_range=baseline.f0_range), baseline)
-    fast = para.relative_prosody(para.measure(speak(detok, text, rate="fast"), SR, f0_range=baseline.f0_range), baseline)
+    slow = para.relative_prosody(prosody.measure(speak(detok, text, rate="slow"), SR, f0_range=baseline.f0_range), baseline)
+    fast = para.relative_prosody(prosody.measure(speak(detok, text, rate="fast"), SR, f0_range=baseline.f0_range), baseline)
     assert slow["rate"] < 0 < fast["rate"]
 
 

@@ -15,13 +15,8 @@ from vocalign.data.types import Message, Prompt, Rollout
 from vocalign.rewards import RewardSpec, check_rewards, score
 from vocalign.rewards.correctness import is_correct, words_to_number
 from vocalign.rewards.training.preference_data import PAIR_KINDS, PreferencePair, held_out_pairs, preference_pairs
-from vocalign.rewards.reward_model import (
-    RewardModelConfig,
-    load_reward_model,
-    pairwise_accuracy,
-    reward_model,
-    train_reward_model,
-)
+from vocalign.rewards.reward_model import load_reward_model, reward_model
+from vocalign.rewards.training.reward_model import RewardModelConfig, pairwise_accuracy, train_reward_model
 from vocalign.rl.cli import main
 from vocalign.rl.config import Recipe, check_recipe
 from vocalign.rl.recipe import load_recipe

@@ -29,6 +29,7 @@ from vocalign.data.synthetic import FEMALE_VOICES, MALE_VOICES, number_to_words,
 from vocalign.data.types import STYLE_LEVELS, Message, Prompt, Rollout, SpeechStyle
 from vocalign.model.detokenizer import EspeakUnitDetokenizer
 from vocalign.rewards import paralinguistic as para
+from vocalign.rewards import prosody
 
 CALIBRATION_VOICES = FEMALE_VOICES[:3] + MALE_VOICES[:3]
 HELD_OUT_VOICES = FEMALE_VOICES[3:] + MALE_VOICES[3:]
@@ -99,22 +100,22 @@ def perception_clips(n: int, seed: int, voices: Sequence[str]) -> list[Clip]:
 # ------------------------------------------------------------------- measurements
 
 
-def features_of(clips: Sequence[Clip], with_text: bool = True) -> list[para.ProsodyFeatures]:
+def features_of(clips: Sequence[Clip], with_text: bool = True) -> list[prosody.ProsodyFeatures]:
     out = []
     for clip in clips:
         baseline = para.voice_baseline(clip.voice)
         text = clip.text if with_text else None
-        out.append(para.measure(clip.waveform, SAMPLE_RATE, text, f0_range=baseline.f0_range))
+        out.append(prosody.measure(clip.waveform, SAMPLE_RATE, text, f0_range=baseline.f0_range))
     return out
 
 
-def fit_duration_model(clips: Sequence[Clip], features: Sequence[para.ProsodyFeatures]) -> dict[str, float]:
+def fit_duration_model(clips: Sequence[Clip], features: Sequence[prosody.ProsodyFeatures]) -> dict[str, float]:
     """Least squares seconds ~ phoneme counts, on the neutral-rate clips."""
     keys = ("stressed", "unstressed", "consonant", "word")
     rows, seconds = [], []
     for clip, f in zip(clips, features):
         if clip.style["rate"] == "normal" and f.has_speech:
-            counts = para.phoneme_counts(clip.text)
+            counts = prosody.phoneme_counts(clip.text)
             rows.append([counts[k] for k in keys] + [1.0])
             seconds.append(f.seconds)
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)
@@ -135,7 +136,7 @@ def fit_threshold(below: np.ndarray, above: np.ndarray) -> float:
 
 
 def fit_thresholds(
-    clips: Sequence[Clip], features: Sequence[para.ProsodyFeatures]
+    clips: Sequence[Clip], features: Sequence[prosody.ProsodyFeatures]
 ) -> dict[str, tuple[float, float]]:
     found = {}
     values = [para.relative_prosody(f, para.voice_baseline(c.voice)) for c, f in zip(clips, features)]
@@ -151,7 +152,7 @@ def fit_thresholds(
     return found
 
 
-def confusion(clips: Sequence[Clip], features: Sequence[para.ProsodyFeatures], attribute: str) -> np.ndarray:
+def confusion(clips: Sequence[Clip], features: Sequence[prosody.ProsodyFeatures], attribute: str) -> np.ndarray:
     """3x3 counts: rows the true level, columns the detected one (a 4th column: not measured)."""
     levels = STYLE_LEVELS[attribute]
     table = np.zeros((3, 4), dtype=int)
@@ -161,7 +162,7 @@ def confusion(clips: Sequence[Clip], features: Sequence[para.ProsodyFeatures], a
     return table
 
 
-def report(name: str, clips: Sequence[Clip], features: Sequence[para.ProsodyFeatures]) -> dict[str, float]:
+def report(name: str, clips: Sequence[Clip], features: Sequence[prosody.ProsodyFeatures]) -> dict[str, float]:
     print(f"\n== {name}: {len(clips)} clips")
     accuracy = {}
     for attribute, levels in STYLE_LEVELS.items():
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"calibration: {len(cal_a)} detokenizer clips ({len(cal_texts)} texts x 27 styles, en-us), "
           f"{len(cal_b)} perception clips (voices {', '.join(CALIBRATION_VOICES)})")
     print(f"duration model fitted on (a): {fit_duration_model(cal_a, cal_features[: len(cal_a)])}")
-    print(f"                 in use     : {para.DURATION_MODEL}")
+    print(f"                 in use     : {prosody.DURATION_MODEL}")
     fitted = fit_thresholds(cal, cal_features)
     in_use = {"rate": para.RATE_THRESHOLDS_LOG, "pitch": para.PITCH_THRESHOLDS_ST, "volume": para.VOLUME_THRESHOLDS_DB}
     for attribute in STYLE_LEVELS:
