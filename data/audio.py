@@ -115,27 +115,23 @@ def _read_file(path: Path, where: str) -> tuple[np.ndarray, int]:
         )
     if path.is_dir():
         raise BadAudioError(f"{where}: audio path {str(path)!r} is a folder; give the path of an audio file")
-    try:
-        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except sf.SoundFileError as e:
-        raise BadAudioError(
-            f"{where}: audio file {str(path)!r} could not be decoded as audio ({e}); convert it "
-            f"to WAV or FLAC (e.g. `ffmpeg -i in.xyz out.wav`) or remove the row"
-        ) from e
-    return wav.mean(axis=1), int(rate)
+    return _decode(str(path), f"{where}: audio file {str(path)!r}",
+                   "convert it to WAV or FLAC (e.g. `ffmpeg -i in.xyz out.wav`) or remove the row")
 
 
 def _read_bytes(data: bytes, where: str, name: str | None = None) -> tuple[np.ndarray, int]:
     what = f"audio bytes of {name!r}" if name else "audio bytes"
     if not data:
         raise BadAudioError(f"{where}: {what} are empty (0 bytes); give the encoded file's contents")
+    return _decode(io.BytesIO(data), f"{where}: {what} ({len(data)} bytes)", "give the contents of a WAV/FLAC/OGG/MP3 file")
+
+
+def _decode(source: str | io.BytesIO, what: str, fix: str) -> tuple[np.ndarray, int]:
+    """A mono float32 waveform and its sample rate; a BadAudioError saying `what` failed and the `fix`."""
     try:
-        wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        wav, rate = sf.read(source, dtype="float32", always_2d=True)
     except sf.SoundFileError as e:
-        raise BadAudioError(
-            f"{where}: {what} ({len(data)} bytes) could not be decoded as audio ({e}); give the "
-            f"contents of a WAV/FLAC/OGG/MP3 file"
-        ) from e
+        raise BadAudioError(f"{what} could not be decoded as audio ({e}); {fix}") from e
     return wav.mean(axis=1), int(rate)
 
 

@@ -123,7 +123,7 @@ def test_lora_update_synced_and_verified(lora_run, prompts, responses) -> None:
     checksum2 = state_checksum(state2)
     import ray
 
-    ray.get(group.actor(0).load_weights.remote(state2, 2))
+    ray.get(group.actor(0).sync.remote(state2, 2))
     with pytest.raises(WeightSyncError) as error:
         group.verify(2, checksum2)
     assert f"worker 1 holds version 1 with checksum {checksum}" in str(error.value)
@@ -133,7 +133,7 @@ def test_lora_update_synced_and_verified(lora_run, prompts, responses) -> None:
     tampered = {k: v.clone() for k, v in state2.items()}
     first = sorted(tampered)[0]
     tampered[first] += 1e-6
-    ray.get(group.actor(1).load_weights.remote(tampered, 2))
+    ray.get(group.actor(1).sync.remote(tampered, 2))
     with pytest.raises(WeightSyncError) as error:
         group.verify(2, checksum2)
     assert f"worker 1 holds version 2 with checksum {state_checksum(tampered)}" in str(error.value)

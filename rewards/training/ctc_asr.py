@@ -1,13 +1,6 @@
 """Training and evaluating the embedded speech recognizer (`vocalign.rewards.ctc_asr`) offline.
 
-Why it exists: rewards that listen to the policy's speech need ASR that runs offline on a
-CPU, and generic recognizers fail on espeak-ng speech (pocketsphinx: WER ~0.8). The
-domain is closed (the words of `vocalign.data.synthetic`'s tasks, `VOCABULARY`), so a
-recognizer trained from scratch on synthesized speech is small (0.61M parameters, 1.2 MB
-in fp16) and fast (~5 ms per clip on one CPU core, batched).
-
-Model: 80-bin log-mel (10 ms hop), two stride-2 convolutions (40 ms frames), a 2-layer
-bidirectional GRU and one output per word plus the CTC blank; greedy decoding.
+The model and why it exists: see `vocalign.rewards.ctc_asr`.
 
 Data (seeded, rendered in-process, ~2 ms per clip): sentences of the synthetic tasks
 (`random_sentence`), spoken two ways: (a) espeak-ng text-to-speech with English base
