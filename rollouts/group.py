@@ -11,53 +11,33 @@
 - sync: the trainable state (the adapter only, under LoRA) is put in the object store
   once and every worker loads it; `verify(version, checksum)` then proves each worker
   holds exactly those tensors (`state_checksum`), or raises `WeightSyncError`.
-- faults: a worker that dies (RayActorError) or takes longer than `timeout_s` on a call
-  (then it is killed) is replaced by a new actor, built from the same snapshot and
-  given the last synced state at its version, and its call runs again. Same seed, same
-  samples: nothing is lost or duplicated. `restarts` counts replacements;
-  `max_restarts` bounds them within one call.
+- faults: the actors live in an `ActorPool` (rollouts/actors.py), which replaces a worker
+  that dies or times out and runs its call again. The group builds the replacement from
+  the same snapshot, gives it the last synced state at its version, and runs a call of an
+  older step (one-step-ahead generation) at that step's weights. Same seed, same
+  samples: nothing is lost or duplicated. `restarts` counts replacements.
 
 Placement: on CPU each actor simply reserves `cpus_per_worker`. With GPUs
-(`gpus_per_worker > 0`) the workers are reserved together as a placement group of one
-bundle per worker (PACK by default: as few nodes as possible; SPREAD: across nodes), so
-the group starts whole or not at all and a restarted worker returns to its bundle.
-`placement` names the strategy explicitly (it also applies on CPU).
+(`gpus_per_worker > 0`) the workers are reserved together as a placement group (PACK by
+default); `placement` names the strategy explicitly (it also applies on CPU).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from vocalign.common.ray_cluster import ensure_ray, shard_bounds, task_error_cause
+from vocalign.common.ray_cluster import ensure_ray, shard_bounds
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
 
+from .actors import PLACEMENTS, ActorCall, ActorPool, RolloutWorkerError
 from .contract import PendingRollouts
 from .sync import WeightSyncError, snapshot_policy, state_bytes
 from .worker import RolloutActor
 
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-class RolloutWorkerError(RuntimeError):
-    """A rollout worker failed in a way a restart does not fix, or restarts ran out."""
-
-
-@dataclass
-class _Call:
-    """One method call on one worker, resubmitted to its replacement if the worker fails."""
-
-    worker: int
-    method: str
-    args: tuple
-    pin: tuple[Any, int] | None = None  # (state ref, version) the call must run at; None: whatever is current
-    actor: Any = None  # the actor it was submitted to
-    ref: Any = None
-    deadline: float = 0.0
-
+__all__ = ["PLACEMENTS", "RolloutGroup", "RolloutWorkerError"]
 
 class RolloutGroup:
     """`num_workers` rollout workers as Ray actors (0: one in-process worker); a context manager.
@@ -88,41 +68,53 @@ class RolloutGroup:
         _check(placement is None or placement in PLACEMENTS, f"placement {placement!r} is not a Ray strategy; use one of {', '.join(PLACEMENTS)}")
         if lora_config is not None and policy.lora:
             _check_lora_matches(policy, lora_config)
-        self.num_workers, self.timeout_s, self.max_restarts = num_workers, timeout_s, max_restarts
-        self.startup_timeout_s = startup_timeout_s
-        self.restarts = 0  # workers replaced since the group started
+        self.num_workers = num_workers
         self.last_sync: dict[str, float] = {}
         self._version = 0
         self._state_ref: Any = None  # the last synced state, in the object store: given to replacements
-        self._actors: list[Any] = []
-        self._placement_group: Any = None
         import ray
 
         local = address is None and not os.environ.get("RAY_ADDRESS")
         ensure_ray(address=address)
         if local:
             _check_local_resources(num_workers, cpus_per_worker, gpus_per_worker)
-        self._snapshot_ref = ray.put(snapshot_policy(policy))
-        self._remote = ray.remote(self.actor_class)
         if tools:  # a misconfigured tool fails here, once, not in every actor
             from vocalign.tools import resolve_tools
 
             unknown = sorted(set(tool_options or {}) - set(resolve_tools(tools)))
             _check(not unknown, f"tool_options name tools that are not enabled: {unknown}; enabled: {sorted(tools)}")
             _check(max_turns >= 0, f"max_turns={max_turns} must be >= 0 (the most tool calls run per response)")
+        self._snapshot_ref = ray.put(snapshot_policy(policy))
+        self._remote = ray.remote(self.actor_class)
         self._actor_args = dict(render_speech=render_speech, torch_threads=torch_threads,
                                 device="cuda" if gpus_per_worker > 0 else "cpu", lora=lora_config,
                                 tools=list(tools), max_turns=max_turns, tool_options=tool_options)
-        self._resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
-        try:
-            strategy = placement or ("PACK" if gpus_per_worker > 0 else None)
-            if strategy is not None:
-                self._placement_group = self._reserve(strategy, cpus_per_worker, gpus_per_worker)
-            self._actors = [self._start_actor(i) for i in range(num_workers)]
-            self._wait_ready(list(range(num_workers)), "start")
-        except BaseException:
-            self.close()
-            raise
+        self.pool = ActorPool(
+            num_workers, {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}, self._build,
+            strategy=placement or ("PACK" if gpus_per_worker > 0 else None), timeout_s=timeout_s,
+            max_restarts=max_restarts, startup_timeout_s=startup_timeout_s, around=self._around,
+        )
+
+    @property
+    def restarts(self) -> int:
+        """Workers replaced since the group started."""
+        return self.pool.restarts
+
+    @property
+    def timeout_s(self) -> float:
+        return self.pool.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        self.pool.timeout_s = seconds
+
+    @property
+    def max_restarts(self) -> int:
+        return self.pool.max_restarts
+
+    @max_restarts.setter
+    def max_restarts(self, count: int) -> None:
+        self.pool.max_restarts = count
 
     # -- the rollout contract (rollouts/contract.py) ----------------------------------------
     @property
@@ -134,7 +126,7 @@ class RolloutGroup:
         """Restamp the workers' weights as `version` without sending any (a resumed trainer
         whose policy the workers were built from)."""
         self._version = version
-        self._run([_Call(i, "set_version", (version,)) for i in range(self.num_workers)])
+        self._on_every("set_version", version)
 
     def shares_weights(self, policy: Policy) -> bool:
         return False  # the actors hold replicas
@@ -154,15 +146,15 @@ class RolloutGroup:
         """
         bounds = shard_bounds(len(prompts), self.num_workers) if prompts else []
         pin = (self._state_ref, self._version)
-        calls = [_Call(w, "generate_shard", (prompts[a:b], n, sampling, seed), pin) for w, (a, b) in enumerate(bounds)]
+        calls = [ActorCall(w, "generate_shard", (prompts[a:b], n, sampling, seed), pin) for w, (a, b) in enumerate(bounds)]
         for call in calls:
-            self._submit(call)
+            self.pool.submit(call)
         return PendingRollouts(prompts, n, self._version, [a for a, _ in bounds], calls)
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
         """The rollouts of `generate_async`, in prompt order, replacing workers that fail."""
         rollouts: list[Rollout] = []
-        for start, shard in zip(pending.starts, self._run(pending.calls)):
+        for start, shard in zip(pending.starts, self.pool.run(pending.calls)):
             for r in shard:
                 r.prompt = pending.prompts[start + r.group]
                 r.group += start
@@ -188,7 +180,7 @@ class RolloutGroup:
         # each worker, which a CPU worker does not have (the worker moves it to its device).
         cpu_state = {k: v.detach().cpu() for k, v in state.items()}
         self._state_ref, self._version = ray.put(cpu_state), version
-        self._run([_Call(i, "sync", (self._state_ref, version)) for i in range(self.num_workers)])
+        self._on_every("sync", self._state_ref, version)
         self.last_sync = {"bytes": float(state_bytes(state)), "seconds": time.perf_counter() - t0}
         return self.last_sync
 
@@ -208,36 +200,25 @@ class RolloutGroup:
 
     def weight_states(self) -> list[tuple[int, str]]:
         """(version, checksum) of each worker."""
-        return self._run([_Call(i, "weight_state", ()) for i in range(self.num_workers)])
+        return self._on_every("weight_state")
 
     def logprobs(self, prompts: list[Prompt], response_ids: list[list[int]], temperature: float = 1.0) -> list[list[list[float]]]:
         """Each worker's log-probabilities of the same sequences (one list per worker): to check
         that every worker computes what the trainer does."""
-        return self._run([_Call(i, "logprobs", (prompts, response_ids, temperature)) for i in range(self.num_workers)])
+        return self._on_every("logprobs", prompts, response_ids, temperature)
 
     # -- processes -------------------------------------------------------------------------
     def worker_info(self) -> list[tuple[int, str]]:
         """(process id, Ray node id) of each worker."""
-        return self._run([_Call(i, "ready", ()) for i in range(self.num_workers)])
+        return self._on_every("ready")
 
     def actor(self, index: int) -> Any:
         """The Ray actor handle of worker `index` (to inspect it; the group may replace it)."""
-        return self._actors[index]
+        return self.pool.actors[index]
 
     def close(self) -> None:
         """Kill the actors and release their placement group."""
-        if not self._actors and self._placement_group is None:
-            return
-        import ray
-
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors = []
-        if self._placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self._placement_group)
-            self._placement_group = None
+        self.pool.close()
 
     def __enter__(self) -> RolloutGroup:
         return self
@@ -245,130 +226,31 @@ class RolloutGroup:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals -------------------------------------------------------------------------
-    def _reserve(self, strategy: str, cpus: float, gpus: float) -> Any:
-        import ray
-        from ray.util.placement_group import placement_group
-
-        bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
-        _check(bool(bundle), "a placement group needs cpus_per_worker or gpus_per_worker > 0")
-        group = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=strategy)
-        ready, _ = ray.wait([group.ready()], timeout=self.startup_timeout_s)
-        if not ready:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(group)
-            raise RolloutWorkerError(
-                f"Ray could not reserve {self.num_workers} rollout workers of {bundle} ({strategy}) within "
-                f"{self.startup_timeout_s:.0f} s: the cluster lacks the resources; lower rollouts.num_workers or "
-                f"the per-worker CPUs/GPUs, or add nodes (ray status shows what is free)"
-            )
-        return group
-
-    def _start_actor(self, index: int) -> Any:
+    # -- what the pool asks of the group ---------------------------------------------------
+    def _build(self, index: int, options: dict[str, Any]) -> Any:
         """A new actor for worker `index`, at the current synced state."""
-        # Inside a placement group too: the actor takes its bundle's CPUs and GPUs (and Ray sets
-        # CUDA_VISIBLE_DEVICES from num_gpus).
-        options: dict[str, Any] = dict(self._resources, max_restarts=0)
-        if self._placement_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self._placement_group, placement_group_bundle_index=index
-            )
         actor = self._remote.options(**options).remote(self._snapshot_ref, version=self._version, **self._actor_args)
         if self._state_ref is not None:
             actor.sync.remote(self._state_ref, self._version)  # runs before any later call
         return actor
 
-    def _wait_ready(self, indices: list[int], what: str) -> None:
-        import ray
-
-        refs = [self._actors[i].ready.remote() for i in indices]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.startup_timeout_s)
-        if len(ready) < len(refs):
+    def _around(self, call: ActorCall) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+        """A call of an older step (one-step-ahead generation) on a replacement runs at that
+        step's weights, then the actor returns to the current ones."""
+        if call.pin is None or call.pin[1] == self._version:
+            return [], []
+        if call.pin[0] is None:
             raise RolloutWorkerError(
-                f"rollout workers {indices} did not {what} within {self.startup_timeout_s:.0f} s: Ray may lack "
-                f"free resources ({self._resources} per worker) or the actors hang while loading the policy"
+                f"rollout worker {call.worker} was lost while generating with the weights it was built with "
+                f"(version {call.pin[1]}), which the group cannot send to a replacement: sync the workers once "
+                f"(sync(state, version)) before the first generate_async"
             )
-        try:
-            ray.get(ready)
-        except ray.exceptions.RayError as error:
-            raise RolloutWorkerError(f"rollout workers {indices} failed to {what}: {error}") from error
+        current = ("sync", (self._state_ref, self._version)) if self._state_ref is not None else ("set_version", (self._version,))
+        return [("sync", call.pin)], [current]
 
-    def _replace(self, index: int, reason: str) -> None:
-        import ray
-
-        ray.kill(self._actors[index], no_restart=True)
-        self.restarts += 1
-        self._actors[index] = self._start_actor(index)
-        self._wait_ready([index], f"restart after worker {index} {reason}")
-
-    def _submit(self, call: _Call) -> None:
-        actor = self._actors[call.worker]
-        pinned = call.pin is not None and call.pin[1] != self._version
-        if pinned:  # a replacement runs an older step's call at that step's weights, then returns to now
-            if call.pin[0] is None:
-                raise RolloutWorkerError(
-                    f"rollout worker {call.worker} was lost while generating with the weights it was built with "
-                    f"(version {call.pin[1]}), which the group cannot send to a replacement: sync the workers once "
-                    f"(sync(state, version)) before the first generate_async"
-                )
-            actor.sync.remote(*call.pin)
-        call.actor, call.ref = actor, getattr(actor, call.method).remote(*call.args)
-        call.deadline = time.monotonic() + self.timeout_s
-        if pinned:
-            self._restore_current(actor)
-
-    def _restore_current(self, actor: Any) -> None:
-        if self._state_ref is not None:
-            actor.sync.remote(self._state_ref, self._version)
-        else:
-            actor.set_version.remote(self._version)
-
-    def _run(self, calls: list[_Call]) -> list[Any]:
-        """Submit (if not yet) and gather `calls`, in order; replace a worker that dies or
-        times out and run its call again, at most `max_restarts` times."""
-        import ray
-
-        for call in calls:
-            if call.ref is None:
-                self._submit(call)
-        results: dict[int, Any] = {}
-        restarts = 0
-        while len(results) < len(calls):
-            waiting = {c.ref: k for k, c in enumerate(calls) if k not in results}
-            timeout = max(0.0, min(calls[k].deadline for k in waiting.values()) - time.monotonic())
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
-            failed: list[tuple[int, str]] = []
-            for ref in ready:
-                k = waiting[ref]
-                try:
-                    results[k] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-                    failed.append((k, f"died ({type(error).__name__})"))
-                except ray.exceptions.RayTaskError as error:
-                    cause = task_error_cause(error)
-                    raise RolloutWorkerError(
-                        f"rollout worker {calls[k].worker} raised in {calls[k].method}: {type(cause).__name__}: {cause}"
-                    ) from cause
-            if not ready:
-                now = time.monotonic()
-                failed += [(k, f"took over timeout_s={self.timeout_s:g} s in {calls[k].method}")
-                           for k in waiting.values() if calls[k].deadline <= now]
-            for k, reason in failed:
-                call = calls[k]
-                if call.actor is self._actors[call.worker]:  # not yet replaced by another call's failure
-                    restarts += 1
-                    if restarts > self.max_restarts:
-                        raise RolloutWorkerError(
-                            f"rollout worker {call.worker} {reason}; gave up after {self.max_restarts} restarts in one call "
-                            f"(rollouts.max_restarts). Look for the cause in the worker logs (out of memory, a crash), "
-                            f"or raise rollouts.timeout_s if the calls are slow rather than stuck"
-                        )
-                    self._replace(call.worker, reason)
-                self._submit(call)
-        return [results[k] for k in range(len(calls))]
+    def _on_every(self, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every worker, in worker order."""
+        return self.pool.run([ActorCall(i, method, args) for i in range(self.num_workers)])
 
 
 def _check(ok: bool, message: str) -> None:

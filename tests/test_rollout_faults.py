@@ -52,8 +52,8 @@ class FaultyGroup(RolloutGroup):
     actor_class = FaultyActor
     fault_for_new_actors: tuple[str, float] | None = None
 
-    def _start_actor(self, index: int):
-        actor = super()._start_actor(index)
+    def _build(self, index: int, options: dict):
+        actor = super()._build(index, options)
         if self.fault_for_new_actors is not None:
             actor.set_fault.remote(*self.fault_for_new_actors)
         return actor
