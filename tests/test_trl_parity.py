@@ -9,7 +9,7 @@ replaced: the model forward that yields per-token log-probabilities and the gene
 step return fixed tensors. Its accelerator is a real single-process CPU `Accelerator`.
 
 The mapping these tests pin down (TRL loss_type -> our options) is written up in the
-README, section "Parity with TRL".
+docs/algorithms.md, section "Parity with TRL".
 """
 
 from __future__ import annotations
