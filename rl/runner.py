@@ -151,12 +151,17 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -
         sft_stage(run)
         rl_stage(run)
         run.summary["time_s"] = run.summary.get("time_s", 0.0) + time.perf_counter() - started
-        tracker.summary(run.summary)
+        tracker.summary(run.summary)  # summary.json; reward_curve.png is drawn as the tracker closes
+    summarise(run, started)
+    return run_dir
+
+
+def summarise(run: Run, started: float) -> None:
+    """The console's last line: how long the run took, the final held-out style table, where the outputs are."""
     final_style = (run.summary.get("rl") or run.summary.get("sft") or {}).get("style")
     style = f" Held-out style honoured, greedy: {show_style(final_style)}." if final_style else ""
-    run.say(f"done in {time.perf_counter() - started:.0f} s.{style} Outputs in {run_dir}: config.yaml, metrics.jsonl, "
+    run.say(f"done in {time.perf_counter() - started:.0f} s.{style} Outputs in {run.run_dir}: config.yaml, metrics.jsonl, "
             "summary.json, reward_curve.png, checkpoints/")
-    return run_dir
 
 
 def _resume_state(run_dir: Path, checkpoint: Path | None) -> dict:

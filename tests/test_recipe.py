@@ -343,3 +343,21 @@ def test_packaged_recipes_folder_is_the_vocalign_recipes_package() -> None:
     for name, description in list_recipes():
         assert resolve_recipe_path(name) == folder / f"{name}.yaml"
         assert isinstance(description, str)
+
+
+def test_the_old_name_of_the_clip_loss_still_works_with_a_warning() -> None:
+    """`loss.policy: ppo` named the token-level clipped loss, like `rl.algorithm: ppo` names PPO
+    with a critic; it is now `clip`. Recipes that say `ppo` still run, and are told the new name."""
+    from vocalign.rl.config import Recipe, check_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "demo.yaml", ["loss.policy=ppo"], Recipe)
+    with pytest.warns(FutureWarning, match="loss.policy=ppo is now called loss.policy=clip"):
+        check_recipe(recipe)
+    assert recipe.loss.policy == "clip"
+    fresh = load_recipe(Path(__file__).parent.parent / "recipes" / "demo.yaml", [], Recipe)
+    assert fresh.loss.policy == "clip"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_recipe(fresh)  # the current name gives no warning
