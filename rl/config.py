@@ -96,6 +96,8 @@ class CriticConfig:
 
 @dataclass
 class RLConfig:
+    # data-parallel trainer processes (Ray actors, gradients summed across them; see rl/trainer_group.py)
+    trainers: int = 1
     algorithm: Literal["grpo", "ppo"] = "grpo"  # grpo: the GRPO family (group advantages, no critic); ppo: GAE with a critic
     steps: int = 100
     prompts_per_step: int = 16
@@ -279,8 +281,33 @@ def _cross_key_problems(recipe: Recipe) -> list[str]:
         problems.append("rollouts.async_generation needs rollouts.num_workers >= 1 and rl.dynamic_sampling=false")
     if rl.dynamic_sampling and rl.algorithm != "grpo":
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
+    problems += _trainer_problems(recipe)
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
+    return problems
+
+
+def _trainer_problems(recipe: Recipe) -> list[str]:
+    """`rl.trainers` > 1: what the data-parallel group serves, and a batch that splits over it."""
+    rl = recipe.rl
+    if rl.trainers < 1:
+        return [f"rl.trainers={rl.trainers} must be at least 1"]
+    if rl.trainers == 1:
+        return []
+    problems = []
+    if rl.backend != "torch":
+        problems.append(f"rl.trainers={rl.trainers} runs the torch backend in each trainer (LoRA or full weights); "
+                        f"DeepSpeed ZeRO across trainers is not built yet: set rl.backend=torch or rl.trainers=1")
+    if rl.algorithm != "grpo":
+        problems.append(f"rl.trainers={rl.trainers}: PPO's critic is not data-parallel yet; use rl.algorithm=grpo or rl.trainers=1")
+    responses = rl.prompts_per_step * rl.group_size
+    minibatch = responses // max(1, rl.minibatches)
+    if responses % max(1, rl.minibatches) or minibatch % rl.trainers or minibatch // rl.trainers < rl.grad_accum:
+        problems.append(
+            f"a minibatch of {responses} responses / rl.minibatches={rl.minibatches} does not split over rl.trainers="
+            f"{rl.trainers} ranks of at least rl.grad_accum={rl.grad_accum} responses each: make prompts_per_step x "
+            f"group_size a multiple of minibatches x trainers x grad_accum"
+        )
     return problems
 
 

@@ -143,7 +143,7 @@ def train(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
 
 def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -> Path:
     started = time.perf_counter()
-    if recipe.rollouts.num_workers > 0 or recipe.ray.address:
+    if recipe.rollouts.num_workers > 0 or recipe.rl.trainers > 1 or recipe.ray.address:
         ensure_ray(address=recipe.ray.address)  # first, so reward workers join the same Ray
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
     with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
@@ -276,8 +276,15 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
         run.say(f"rollouts: {ro.num_workers} Ray workers" + (f", tools {', '.join(ro.tools)}" if ro.tools else ""))
     elif ro.tools:
         run.say(f"rollouts: tools {', '.join(ro.tools)}, up to {ro.max_turns} calls per response")
+    updater = None
+    if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
+        from .trainer_group import TrainerGroup
+
+        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed, address=recipe.ray.address)
+        run.stack.callback(updater.close)
+        run.say(f"trainers: {cfg.trainers} data-parallel ranks (Ray actors), gradients summed across them")
     trainer = RLTrainer(run.policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, recipe.run.seed,
-                        run.reward_workers, critic, async_generation=ro.async_generation)
+                        run.reward_workers, critic, async_generation=ro.async_generation, updater=updater)
     cursor = PromptCursor(run.rl_prompts, recipe.run.seed)
     first, rows = 0, []
     if run.resuming("rl"):
@@ -299,7 +306,7 @@ def rl_stage(run: Run) -> None:
         return
     lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
     trainer, cursor, first, rows = _rl_trainer(run, lora)
-    gather = trainer.backend.full_parameters
+    gather = trainer.updater.full_parameters
     bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm, disable=not recipe.run.progress, dynamic_ncols=True,
                initial=first, total=cfg.steps)
     for i in bar:

@@ -9,7 +9,8 @@
   reference    no-grad passes: the reference's log-probs (KL) and the critic's values (PPO);
   advantages   `algorithms.compute_advantages` by the recipe's estimator;
   update       `epochs` passes in `minibatches` optimiser steps, each accumulated over
-               `grad_accum` micro-batches (`MicroBatch`); the loss is
+               `grad_accum` micro-batches: `update.PolicyUpdate` in this process, or a
+               data-parallel `trainer_group.TrainerGroup` (`rl.trainers`); the loss is
                `algorithms.policy_loss` over the tokens the policy produced;
   sync         the new weights to the rollout source, stamped with a new version, verified.
 The maths lives in `algorithms.py`; this file only moves tensors between the phases.
@@ -21,7 +22,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,10 @@ from vocalign.rollouts.sync import state_checksum
 
 from . import algorithms as alg
 from .allocator import keep_freed_memory
-from .backends import make_backend
+from .backends import Backend
 from .config import KLConfig, LossConfig, RLConfig
-from .critic import ValueModel, value_loss
+from .critic import ValueModel
+from .update import PolicyUpdate, StepBatch, Updater, local_update
 
 class PromptCursor:
     """The RL prompts in a seeded order, taken in turn; its position is saved in checkpoints."""
@@ -78,49 +79,13 @@ class PhaseTimer:
         return {f"time/{phase}_s": s for phase, s in self.seconds.items()}
 
 
-@dataclass
-class StepBatch:
-    """One step's rollouts as tensors ([N, T], on the policy's device), filled phase by phase."""
-
-    rollouts: list[Rollout]
-    encoded: dict[str, list[torch.Tensor]]  # each prompt's audio features, by prompt id
-    produced: list[list[float]]  # per rollout: 1 for the tokens the policy generated, 0 for inserted tool results
-    mask: torch.Tensor  # the tokens the loss trains
-    every: torch.Tensor  # every response token, inserted tool results included
-    old_logprobs: torch.Tensor
-    totals: torch.Tensor  # [N] total rewards
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    token_kl: torch.Tensor | None = None  # KL estimate per sampled token, against the reference
-    advantages: torch.Tensor | None = None  # [N] (GRPO family) or [N, T] (PPO)
-    returns: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.rollouts)
-
-    @property
-    def width(self) -> int:
-        return self.mask.shape[1]
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """Rows of one micro-batch, with its minibatch's loss units and token count (the divisors
-    that make a minibatch's loss and statistics independent of how it is split)."""
-
-    rows: list[int]
-    units: float
-    tokens: float
-
-
 class RLTrainer:
     """GRPO family (`rl.algorithm: grpo`) or PPO with a critic (`ppo`)."""
 
     def __init__(
         self, policy: Policy, worker: RolloutSource, rewards: list[RewardSpec], config: RLConfig, loss: LossConfig,
         kl: KLConfig, seed: int, reward_workers: RewardWorkers | None = None, critic: ValueModel | None = None,
-        async_generation: bool = False,
+        async_generation: bool = False, updater: Updater | None = None,
     ) -> None:
         if config.algorithm == "ppo" and critic is None:
             raise ValueError("rl.algorithm=ppo needs a critic (ValueModel)")
@@ -130,11 +95,7 @@ class RLTrainer:
         keep_freed_memory()  # reuse freed activations' memory instead of page-faulting it back every step
         if kl.coef > 0:
             policy.keep_reference()  # full weights: a frozen copy; under LoRA: nothing (adapters off)
-        options = {"zero_stage": config.deepspeed.zero_stage, "config": config.deepspeed.config}
-        self.backend = make_backend(config.backend, policy.model, config.lr, config.grad_clip, options)
-        self.critic_backend = (
-            make_backend(config.backend, critic, config.critic.lr, config.grad_clip, options) if critic is not None else None
-        )
+        self.updater = updater if updater is not None else local_update(policy, config, loss, kl, seed, critic)
         self.kl_controller = (
             alg.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.controller == "adaptive" else alg.FixedKLController(kl.coef)
         )
@@ -158,25 +119,28 @@ class RLTrainer:
         self.version, self.kl_coef = state["version"], state["kl_coef"]
         self.kl_controller.coef = state["kl_controller_coef"]
         self.worker.version = self.version
-        self.backend.load(folder)
-        if self.critic is not None:
-            if self.config.backend != "deepspeed":  # DeepSpeed's own checkpoint restores the critic's weights
-                self.critic.load(folder)
-            self.critic_backend.load(Path(folder) / "critic")
+        self.updater.load(folder)
 
     def save(self, folder: Path) -> None:
-        self.backend.save(folder)
-        if self.critic is not None:
-            with self.critic_backend.full_parameters():
-                self.critic.save(folder)
-            (Path(folder) / "critic").mkdir(exist_ok=True)
-            self.critic_backend.save(Path(folder) / "critic")
+        self.updater.save(folder)
 
     def close(self) -> None:
-        """Release the backends (DeepSpeed engines and their process-wide changes)."""
-        for backend in (self.backend, self.critic_backend):
-            if backend is not None:
-                backend.close()
+        """Release the backends (DeepSpeed engines and their process-wide changes) or the trainer group."""
+        self.updater.close()
+
+    @property
+    def backend(self) -> Backend:
+        """The policy's optimiser backend, when the update runs in this process."""
+        return self._local_update().backend
+
+    @property
+    def critic_backend(self) -> Backend | None:
+        return self._local_update().critic_backend
+
+    def _local_update(self) -> PolicyUpdate:
+        if not isinstance(self.updater, PolicyUpdate):
+            raise AttributeError("the update runs in a trainer group: its optimisers live in the group's ranks")
+        return self.updater
 
     # -- the step ------------------------------------------------------------------------
     def _seed(self, step: int, round_: int) -> int:
@@ -194,7 +158,7 @@ class RLTrainer:
         if round_ == 0 and self._pending is not None:  # generated during the last update (one version behind)
             rollouts, self._pending = self.worker.collect(self._pending), None
         else:
-            with self.backend.full_parameters():
+            with self.updater.full_parameters():
                 rollouts = self.worker.generate(prompts, self.config.group_size, self.sampling, seed=self._seed(step, round_))
         if round_ == 0 and self.async_generation and cursor is not None:
             # the next step's rollouts, generated with the weights of now while this step updates
@@ -259,8 +223,7 @@ class RLTrainer:
         with timer("advantage"):
             self._advantages(batch)
         with timer("update"):
-            lr = self._set_learning_rates(step)
-            stats = self._update(batch, step)
+            lr, stats = self.updater.train_on(batch, step, self.kl_coef)
         with timer("sync"):
             kl_coef_used, measured_kl = self._update_kl_coef(batch)
             self.version += 1
@@ -284,7 +247,7 @@ class RLTrainer:
         """The step's rollouts as padded tensors on the policy's device, prompts encoded once."""
         # the audio encoder is frozen: encode this step's prompts once, in one batch
         unique = list({r.prompt.id: r.prompt for r in rollouts}.values())
-        with self.backend.full_parameters():
+        with self.updater.full_parameters():
             encoded = dict(zip([p.id for p in unique], self.policy.encode_prompts(unique).encoded))
         width = max(len(r.response_ids) for r in rollouts)
         # tokens the policy produced: a multi-turn rollout's inserted tool results carry loss_mask 0
@@ -307,7 +270,7 @@ class RLTrainer:
         ref_parts, value_parts = [], []
         chunk = -(-batch.size // (cfg.minibatches * cfg.grad_accum))
         self.policy.model.eval()
-        with torch.no_grad(), self.backend.full_parameters():
+        with torch.no_grad(), self.updater.full_parameters():
             for start in range(0, batch.size, chunk):
                 seqs = self._sequences(batch, list(range(start, min(batch.size, start + chunk))))
                 pad = (0, width - seqs.response_mask.shape[1])
@@ -334,39 +297,6 @@ class RLTrainer:
         ))
         batch.advantages, batch.returns = result.advantages, result.returns
 
-    def _set_learning_rates(self, step: int) -> float:
-        cfg = self.config
-        lr = alg.scheduled_lr(cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps, step)
-        self.backend.set_lr(lr)
-        if self.critic_backend is not None:
-            self.critic_backend.set_lr(alg.scheduled_lr(cfg.critic.lr, cfg.critic.warmup_steps, cfg.lr_decay, cfg.steps, step))
-        return lr
-
-    def _update(self, batch: StepBatch, step: int) -> dict[str, float]:
-        """`epochs` passes over the batch in `minibatches` optimiser steps of `grad_accum` micro-batches."""
-        cfg, N = self.config, batch.size
-        if self.critic is not None:
-            self.critic.train()
-        self.policy.model.train()
-        stats: dict[str, list[float]] = defaultdict(list)
-        mb_size = -(-N // cfg.minibatches)
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
-            for mb_start in range(0, N, mb_size):
-                mb_rows = order[mb_start : mb_start + mb_size]
-                mb_mask = batch.mask[mb_rows]
-                micro = -(-len(mb_rows) // cfg.grad_accum)
-                parts: dict[str, float] = defaultdict(float)  # the minibatch's statistics, summed over its micro-batches
-                for m_start in range(0, len(mb_rows), micro):
-                    rows = mb_rows[m_start : m_start + micro]
-                    self._micro_step(batch, MicroBatch(rows, alg.loss_units(mb_mask, self.loss_cfg.aggregation), float(mb_mask.sum())), parts)
-                for key, value in parts.items():
-                    stats[key].append(value)
-                stats["grad_norm"].append(self.backend.step())
-                if self.critic_backend is not None:
-                    stats["critic/grad_norm"].append(self.critic_backend.step())
-        return {k: sum(v) / len(v) for k, v in stats.items() if v}
-
     def _update_kl_coef(self, batch: StepBatch) -> tuple[float, float]:
         """(the KL coefficient this step used, the measured KL per token); then the controller's update."""
         measured = float(batch.token_kl.sum() / batch.mask.sum().clamp(min=1)) if batch.token_kl is not None else 0.0
@@ -382,7 +312,7 @@ class RLTrainer:
             return {}
         # replicas: send the trainable state (the adapter only under LoRA), then check every
         # worker holds this version with this checksum
-        with self.backend.full_parameters():
+        with self.updater.full_parameters():
             state = self.policy.trainable_state()
         sync = self.worker.sync(state, self.version)
         self.worker.verify(self.version, state_checksum(state))
@@ -416,54 +346,6 @@ class RLTrainer:
             "throughput/tokens_per_s": generated / step_s,
             "throughput/samples_per_s": N / step_s,
         }
-
-    def _micro_step(self, batch: StepBatch, micro: MicroBatch, stats: dict[str, float]) -> None:
-        """Forward and backward of one micro-batch; its statistics added to `stats` as its share of the minibatch's."""
-        cfg, lc, kc, rows = self.config, self.loss_cfg, self.kl_cfg, micro.rows
-        seqs = self._sequences(batch, rows)
-        T = seqs.response_mask.shape[1]
-        m, old = batch.mask[rows][:, :T], batch.old_logprobs[rows][:, :T]
-        logprobs, entropy = self.policy.logprobs_and_entropy(seqs, cfg.temperature)
-        adv = batch.advantages[rows]
-        adv = adv if adv.dim() == 1 else adv[:, :T]  # per sequence (GRPO family) or per token (PPO)
-        loss_out = alg.policy_loss(lc.policy, logprobs, old, adv, m, lc.clip_low, lc.clip_high, lc.ratio_max)
-        token_loss = loss_out.token_loss
-        if self.kl_coef > 0 and kc.mode == "loss":
-            token_kl = alg.kl_estimate(logprobs, batch.ref_logprobs[rows][:, :T], kc.estimator, kc.max)
-            if kc.importance_weighted:
-                token_kl = alg.importance_weighted_kl(token_kl, loss_out.log_ratio)
-            token_loss = token_loss + self.kl_coef * token_kl
-        if lc.audio_token_weight != 1.0:
-            token_loss = token_loss * (1.0 + (lc.audio_token_weight - 1.0) * self.policy.audio_token_mask(seqs))
-        # the minibatch's mean, whatever the micro-batch split
-        loss = alg.aggregate_loss(token_loss * m, m, lc.aggregation, norm=cfg.max_new_tokens, units=micro.units)
-        self.backend.backward(loss)
-        # each statistic as this micro-batch's share of the minibatch's value: the minibatch's
-        # statistics are then the sums over its micro-batches, whatever the split
-        share = float(m.sum()) / max(micro.tokens, 1e-12)
-        with torch.no_grad():
-            log_ratio = logprobs.detach() - old
-            stats["loss"] += float(loss)  # already scaled to its share of the minibatch's loss
-            stats["clip_frac"] += float(loss_out.clip_frac) * share
-            if lc.ratio_max is not None:
-                stats["clip_frac/dual"] += float(loss_out.dual_frac) * share
-            stats["entropy"] += float(alg.masked_mean(entropy, m)) * share
-            stats["approx_kl"] += float(alg.masked_mean(torch.expm1(log_ratio) - log_ratio, m)) * share
-            stats["neg_logprob"] += float(-alg.masked_mean(logprobs.detach(), m)) * share
-        if self.critic is not None:
-            self._critic_micro_step(seqs, batch, rows, m, micro.tokens, share, stats)
-
-    def _critic_micro_step(self, seqs: SequenceBatch, batch: StepBatch, rows: list[int], m: torch.Tensor,
-                           mb_tokens: float, share: float, stats: dict[str, float]) -> None:
-        T = m.shape[1]
-        v = self.critic(seqs)
-        vloss, vclipped = value_loss(v, batch.values[rows][:, :T], batch.returns[rows][:, :T], m, self.config.critic.value_clip)
-        # token-mean over the minibatch, whatever the micro-batch split
-        self.critic_backend.backward(vloss.sum() / max(mb_tokens, 1e-12))
-        stats["critic/value_loss"] += float(alg.masked_mean(vloss.detach(), m)) * share
-        stats["critic/clip_frac"] += float(alg.masked_mean(vclipped.float(), m)) * share
-        stats["critic/value_mean"] += float(alg.masked_mean(v.detach(), m)) * share
-
 
 def _padded(values: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros(len(values), width)

@@ -48,7 +48,7 @@ def test_the_step_reads_as_its_phases() -> None:
     assert function_lines(step) <= 40
     calls = [n for n in ast.walk(step) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
     called = [n.func.attr for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset))]
-    phases = ["_collect", "_check_versions", "_batch_tensors", "_reference_and_values", "_advantages", "_update", "_sync"]
+    phases = ["_collect", "_check_versions", "_batch_tensors", "_reference_and_values", "_advantages", "train_on", "_sync"]
     assert [c for c in called if c in phases] == phases  # each phase once, in this order
 
 

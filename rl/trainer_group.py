@@ -1,0 +1,231 @@
+"""Data-parallel training: `rl.trainers` ranks, each a Ray actor holding a policy replica and
+its optimiser, gradients summed across ranks (gloo on CPU, NCCL on GPUs) before every
+optimiser step.
+
+The driver keeps one readable loop (`RLTrainer.step`): it collects the rollouts, computes
+the advantages over the whole batch, and hands the batch to `TrainerGroup.train_on`. Each
+rank takes its contiguous share of every minibatch (`PolicyUpdate`), divides its loss by
+the whole minibatch's count, and sums its gradients with the other ranks'
+(`AllReduceBackend`): every rank then takes the same optimiser step, the one a single
+process would take on the whole minibatch. Rank 0's new trainable state comes back to the
+driver's policy, which generates (in-process) or syncs to the rollout workers; every
+rank's checksum is compared with it.
+
+What runs here: the torch backend (LoRA adapters or full weights) with the GRPO family.
+DeepSpeed ZeRO across ranks and PPO's critic across ranks are refused by `check_recipe`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from vocalign.common.ray_cluster import ensure_ray
+from vocalign.model.policy import Policy
+from vocalign.rollouts.sync import restore_policy, snapshot_policy, state_checksum
+
+from .backends import TorchBackend
+from .config import KLConfig, LossConfig, RLConfig
+from .update import PolicyUpdate, StepBatch, combine_ranks
+
+
+class AllReduceBackend(TorchBackend):
+    """`TorchBackend` whose gradients are summed across the process group before each step
+    (what DDP does, on the trainable parameters in one flat buffer): the policy's forward
+    goes through `Policy` methods rather than one `nn.Module.forward`, so DDP's hooks
+    would not see it."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float) -> None:
+        super().__init__(module, lr, grad_clip)
+        self.reduced_bytes, self.reduce_seconds = 0, 0.0
+
+    def step(self) -> float:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # a rank with no rows in this minibatch contributes zeros
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        self.reduced_bytes += flat.numel() * flat.element_size()
+        self.reduce_seconds += time.perf_counter() - t0
+        return super().step()
+
+
+class TrainerRank:
+    """One data-parallel rank: a replica of the policy, its optimiser and its share of each update."""
+
+    def __init__(self, snapshot: bytes, rank: int, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig,
+                 seed: int, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)
+        self.rank, self.world = rank, world
+        self.policy = restore_policy(snapshot)
+        self.config, self.loss, self.kl, self.seed = config, loss, kl, seed
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others: this node's address and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, host: str, port: int) -> None:
+        """Join the process group (returns once every rank has joined), then build the optimiser."""
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
+        self.backend = AllReduceBackend(self.policy.model, self.config.lr, self.config.grad_clip)
+        self.update = PolicyUpdate(self.policy, self.backend, self.config, self.loss, self.kl, self.seed,
+                                   rank=self.rank, world=self.world)
+
+    def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, list[dict[str, float]], dict[str, float]]:
+        """(learning rate, this rank's share of each optimiser step's statistics, its all-reduce bytes and seconds)."""
+        self.backend.reduced_bytes, self.backend.reduce_seconds = 0, 0.0
+        batch = on_device(batch, self.policy.device)
+        lr = self.update.set_learning_rates(step)
+        steps = self.update.optimiser_steps(batch, step, kl_coef)
+        return lr, steps, {"bytes": float(self.backend.reduced_bytes), "seconds": self.backend.reduce_seconds}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}
+
+    def checksum(self) -> str:
+        return state_checksum(self.policy.trainable_state())
+
+    def save(self, folder: str) -> None:
+        self.backend.save(Path(folder))
+
+    def load(self, folder: str) -> None:
+        self.backend.load(Path(folder))
+
+    def rows_seen(self, batch_size: int, step: int) -> list[list[int]]:
+        """The rows of a batch of `batch_size` this rank trains on at `step`, per optimiser step."""
+        cfg = self.config
+        mb_size = -(-batch_size // cfg.minibatches)
+        seen = []
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
+            seen += [self.update._share(order[s : s + mb_size]) for s in range(0, batch_size, mb_size)]
+        return seen
+
+
+class TrainerGroup:
+    """`world` `TrainerRank` actors on Ray; an `Updater` for `RLTrainer`.
+
+    `policy` is the driver's policy, at the weights training starts from, its LoRA adapters
+    attached and its encoder frozen; each rank starts from a snapshot of it, and after each
+    update the driver's policy takes rank 0's trainable state.
+    """
+
+    def __init__(self, policy: Policy, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig, seed: int,
+                 cpus_per_trainer: float = 1.0, torch_threads: int = 1, address: str | None = None) -> None:
+        import ray
+
+        if world < 1:
+            raise ValueError(f"rl.trainers={world} must be at least 1")
+        import os
+
+        ensure_ray(address=address)
+        free = ray.available_resources().get("CPU", 0.0)
+        if address is None and not os.environ.get("RAY_ADDRESS") and world * cpus_per_trainer > free + 1e-9:
+            raise ValueError(
+                f"rl.trainers={world} trainer processes need {world * cpus_per_trainer:g} CPUs, but the local Ray has "
+                f"{free:g} free (rollout workers take theirs first): lower rl.trainers or rollouts.num_workers, or join "
+                f"a cluster (ray.address)"
+            )
+        self.policy, self.world = policy, world
+        self.last_comm: dict[str, float] = {}
+        snapshot = ray.put(snapshot_policy(policy))
+        remote = ray.remote(TrainerRank).options(num_cpus=cpus_per_trainer, max_restarts=0)
+        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads) for r in range(world)]
+        try:
+            host, port = ray.get(self.ranks[0].address.remote())
+            ray.get([rank.join.remote(host, port) for rank in self.ranks])
+        except BaseException:
+            self.close()
+            raise
+
+    def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, dict[str, float]]:
+        """Every rank's share of the update; then the driver's policy takes the new weights."""
+        import ray
+
+        shared = ray.put(_for_ranks(batch))
+        results = ray.get([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks])
+        stats = combine_ranks([steps for _, steps, _ in results])
+        self.last_comm = {"bytes": sum(c["bytes"] for _, _, c in results) / self.world,
+                          "seconds": max(c["seconds"] for _, _, c in results)}
+        stats["trainers/allreduce_bytes"], stats["trainers/allreduce_s"] = self.last_comm["bytes"], self.last_comm["seconds"]
+        self._take_weights()
+        return results[0][0], stats
+
+    def _take_weights(self) -> None:
+        """Rank 0's trainable state into the driver's policy; every rank must hold the same."""
+        import ray
+
+        state = ray.get(self.ranks[0].trainable_state.remote())
+        device = self.policy.device
+        self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
+        expected = state_checksum(state)
+        held = ray.get([rank.checksum.remote() for rank in self.ranks])
+        wrong = [r for r, c in enumerate(held) if c != expected]
+        if wrong:
+            raise RuntimeError(f"trainer ranks {wrong} hold other weights than rank 0 after the same update: their "
+                               f"gradients were not summed alike; the run cannot go on")
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the driver's policy holds the whole weights
+
+    def save(self, folder: Path) -> None:
+        """The optimiser state, the same on every rank: rank 0 writes it."""
+        import ray
+
+        ray.get(self.ranks[0].save.remote(str(folder)))
+
+    def load(self, folder: Path) -> None:
+        """Every rank loads the saved optimiser state (whatever the number of ranks that saved it)."""
+        import ray
+
+        ray.get([rank.load.remote(str(folder)) for rank in self.ranks])
+
+    def rows_seen(self, batch_size: int, step: int) -> list[list[list[int]]]:
+        """Per rank, the batch rows it trains on at `step` in each optimiser step."""
+        import ray
+
+        return ray.get([rank.rows_seen.remote(batch_size, step) for rank in self.ranks])
+
+    def close(self) -> None:
+        import ray
+
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []
+
+
+def _for_ranks(batch: StepBatch) -> StepBatch:
+    """The batch without what the update does not read (waveforms, prompt audio), on the CPU."""
+    from dataclasses import replace
+
+    from vocalign.data.types import Prompt
+
+    light = [replace(r, waveform=None, prompt=Prompt(id=r.prompt.id, messages=[], task=r.prompt.task))
+             for r in batch.rollouts]
+    return on_device(replace(batch, rollouts=light), torch.device("cpu"))
+
+
+def on_device(batch: StepBatch, device: torch.device) -> StepBatch:
+    """`batch` with its tensors (and the prompts' encoded audio) on `device`."""
+    from dataclasses import replace
+
+    moved = {k: v.to(device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    encoded = {k: [t.to(device) for t in clips] for k, clips in batch.encoded.items()}
+    return replace(batch, encoded=encoded, **moved)
