@@ -33,6 +33,10 @@ from .config import KLConfig, LossConfig, RLConfig
 from .update import PolicyUpdate, StepBatch, combine_ranks
 
 
+class TrainerGroupError(RuntimeError):
+    """A trainer rank died or failed: the group cannot take the step (`run.resume=true` continues the run)."""
+
+
 class AllReduceBackend(TorchBackend):
     """`TorchBackend` whose gradients are summed across the process group before each step
     (what DDP does, on the trainable parameters in one flat buffer): the policy's forward
@@ -95,6 +99,12 @@ class TrainerRank:
         lr = self.update.set_learning_rates(step)
         steps = self.update.optimiser_steps(batch, step, kl_coef)
         return lr, steps, {"bytes": float(self.backend.reduced_bytes), "seconds": self.backend.reduce_seconds}
+
+    def node(self) -> str:
+        """The Ray node this rank runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}
@@ -160,13 +170,29 @@ class TrainerGroup:
         import ray
 
         shared = ray.put(_for_ranks(batch))
-        results = ray.get([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks])
+        results = self._gather([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks], f"update at step {step + 1}")
         stats = combine_ranks([steps for _, steps, _ in results])
         self.last_comm = {"bytes": sum(c["bytes"] for _, _, c in results) / self.world,
                           "seconds": max(c["seconds"] for _, _, c in results)}
         stats["trainers/allreduce_bytes"], stats["trainers/allreduce_s"] = self.last_comm["bytes"], self.last_comm["seconds"]
         self._take_weights()
         return results[0][0], stats
+
+    def _gather(self, refs: list, what: str) -> list:
+        """The ranks' results, or a `TrainerGroupError` naming the rank that died or raised."""
+        import ray
+
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
+            dead = [r for r, ref in enumerate(refs) if not _finished_well(ref)]
+            raise TrainerGroupError(
+                f"trainer rank(s) {dead or '?'} died during the {what} ({type(error).__name__}); the group cannot go on "
+                f"without them. Continue the run from its last checkpoint with run.resume=true (any rl.trainers); look "
+                f"in the Ray logs for why the process ended (out of memory, a kill)"
+            ) from error
+        except ray.exceptions.RayTaskError as error:
+            raise TrainerGroupError(f"a trainer rank raised during the {what}: {error}") from error
 
     def _take_weights(self) -> None:
         """Rank 0's trainable state into the driver's policy; every rank must hold the same."""
@@ -197,6 +223,12 @@ class TrainerGroup:
 
         ray.get([rank.load.remote(str(folder)) for rank in self.ranks])
 
+    def nodes(self) -> list[str]:
+        """The Ray node of each rank."""
+        import ray
+
+        return ray.get([rank.node.remote() for rank in self.ranks])
+
     def rows_seen(self, batch_size: int, step: int) -> list[list[list[int]]]:
         """Per rank, the batch rows it trains on at `step` in each optimiser step."""
         import ray
@@ -209,6 +241,16 @@ class TrainerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+
+
+def _finished_well(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+        return True
+    except Exception:
+        return False
 
 
 def _for_ranks(batch: StepBatch) -> StepBatch:

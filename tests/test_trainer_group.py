@@ -139,3 +139,90 @@ def test_a_run_of_two_trainers_resumes_with_one(tmp_path: Path) -> None:
         assert resumed[-1][key] == pytest.approx(uninterrupted[-1][key], rel=TOLERANCE, abs=TOLERANCE), key
     assert "trainers/allreduce_bytes" in uninterrupted[-1] and "trainers/allreduce_bytes" not in resumed[-1]
     assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
+
+
+@pytest.mark.slow
+def test_one_trainer_on_each_node_of_a_two_node_cluster(tmp_path: Path) -> None:
+    """Two Ray nodes of one CPU each hold one rank each; the run equals the one-process run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from vocalign.rl.config import KLConfig, LossConfig, RLConfig
+    from vocalign.rl.trainer_group import TrainerGroup
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.shutdown()
+    store = 80 * 1024**2
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store})
+    try:
+        _, local = _run(tmp_path, 1, "rl.grad_accum=2")
+        cluster.add_node(num_cpus=1, object_store_memory=store)
+        cluster.wait_for_nodes()
+        ensure_ray(address=cluster.address)
+        group = TrainerGroup(embedded_policy(0), 2, RLConfig(prompts_per_step=2, group_size=4), LossConfig(), KLConfig(),
+                             seed=0, address=cluster.address)
+        try:
+            nodes = group.nodes()
+        finally:
+            group.close()
+        assert len(set(nodes)) == 2 and set(nodes) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        _, spread = _run(tmp_path / "cluster", 2, f"ray.address={cluster.address}")
+    finally:
+        torch.set_num_threads(threads)
+        ray.shutdown()
+        cluster.shutdown()
+    assert max(float((local[k] - spread[k]).abs().max()) for k in local) == 0.0
+
+
+_KILL_AT: list[int] = []  # the reward call at which `kill_a_rank` kills trainer rank 1 (empty: never)
+_CALLS: list[int] = []
+
+
+def kill_a_rank(rollouts):
+    """`token_parity`, and on its call number _KILL_AT[0], a SIGKILL to one trainer rank's process (as an OOM kill would)."""
+    import os
+    import signal
+
+    import psutil
+
+    _CALLS.append(1)
+    if _KILL_AT and len(_CALLS) == _KILL_AT[0]:
+        ranks = [p for p in psutil.process_iter(["pid", "cmdline"]) if "ray::TrainerRank" in " ".join(p.info["cmdline"] or [])]
+        assert len(ranks) == 2, [p.info for p in ranks]
+        os.kill(max(p.info["pid"] for p in ranks), signal.SIGKILL)
+    return token_parity(rollouts)
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_stops_the_run_cleanly_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
+    from vocalign.rl.trainer_group import TrainerGroupError
+
+    def recipe(out: Path, *more: str) -> Recipe:
+        r = load_recipe("demo", [*RUN, "rl.trainers=2", "run.save_every=1", f"run.output_dir={out}", *more], Recipe)
+        r.rewards.append(RewardSpec(f"{__name__}:kill_a_rank", weight=1.0))
+        return r
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _KILL_AT.clear()
+        whole_dir = train(recipe(tmp_path / "whole"), "demo")
+        _CALLS.clear()
+        _KILL_AT.append(2)  # the second step's rewards: rank 1 dies before that step's update
+        with pytest.raises(TrainerGroupError, match=r"died during the update at step 2 .* run.resume=true"):
+            train(recipe(tmp_path / "killed"), "demo")
+        assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step-*")) == ["step-1"]
+        _KILL_AT.clear()
+        resumed_dir = train(recipe(tmp_path / "killed", "run.resume=true"), "demo")
+    finally:
+        torch.set_num_threads(threads)
+    whole = [r for r in read_metrics(whole_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+    resumed = [r for r in read_metrics(resumed_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3]  # no step lost or counted twice
+    for a, b in zip(whole, resumed):
+        for key in SAME:
+            assert b[key] == a[key], key
+    final = load_checkpoint(whole_dir / "checkpoints" / "step-3").model.state_dict()
+    again = load_checkpoint(resumed_dir / "checkpoints" / "step-3").model.state_dict()
+    assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
