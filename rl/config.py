@@ -298,8 +298,6 @@ def _trainer_problems(recipe: Recipe) -> list[str]:
     if rl.backend != "torch":
         problems.append(f"rl.trainers={rl.trainers} runs the torch backend in each trainer (LoRA or full weights); "
                         f"DeepSpeed ZeRO across trainers is not built yet: set rl.backend=torch or rl.trainers=1")
-    if rl.algorithm != "grpo":
-        problems.append(f"rl.trainers={rl.trainers}: PPO's critic is not data-parallel yet; use rl.algorithm=grpo or rl.trainers=1")
     responses = rl.prompts_per_step * rl.group_size
     minibatch = responses // max(1, rl.minibatches)
     if responses % max(1, rl.minibatches) or minibatch % rl.trainers or minibatch // rl.trainers < rl.grad_accum:

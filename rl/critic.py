@@ -67,6 +67,10 @@ class ValueModel(nn.Module):
         missing = [n for n in self.trainable_state() if n not in state]
         if missing:
             raise ValueError(f"{path} lacks critic weights {missing[:3]}; it was saved with another critic setup")
+        self.load_trainable_state(state)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `state` (names of `trainable_state`) into the critic's weights, on their device."""
         with torch.no_grad():
             params = dict(self.named_parameters())
             for name, value in state.items():

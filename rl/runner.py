@@ -280,7 +280,8 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
     if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
         from .trainer_group import TrainerGroup
 
-        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed, address=recipe.ray.address)
+        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed,
+                               address=recipe.ray.address, critic=critic)
         run.stack.callback(updater.close)
         run.say(f"trainers: {cfg.trainers} data-parallel ranks (Ray actors), gradients summed across them")
     trainer = RLTrainer(run.policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, recipe.run.seed,

@@ -11,13 +11,16 @@ process would take on the whole minibatch. Rank 0's new trainable state comes ba
 driver's policy, which generates (in-process) or syncs to the rollout workers; every
 rank's checksum is compared with it.
 
-What runs here: the torch backend (LoRA adapters or full weights) with the GRPO family.
-DeepSpeed ZeRO across ranks and PPO's critic across ranks are refused by `check_recipe`.
+What runs here: the torch backend (LoRA adapters or full weights), the GRPO family and
+PPO, whose critic is data-parallel the same way (each rank holds a replica; the driver's
+critic, which computes the values, takes rank 0's after each update). DeepSpeed ZeRO
+across ranks is refused by `check_recipe`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ from vocalign.rollouts.sync import restore_policy, snapshot_policy, state_checks
 
 from .backends import TorchBackend
 from .config import KLConfig, LossConfig, RLConfig
+from .critic import ValueModel
 from .update import PolicyUpdate, StepBatch, combine_ranks
 
 
@@ -67,10 +71,11 @@ class TrainerRank:
     """One data-parallel rank: a replica of the policy, its optimiser and its share of each update."""
 
     def __init__(self, snapshot: bytes, rank: int, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig,
-                 seed: int, torch_threads: int = 1) -> None:
+                 seed: int, torch_threads: int = 1, critic: bytes | None = None) -> None:
         torch.set_num_threads(torch_threads)
         self.rank, self.world = rank, world
         self.policy = restore_policy(snapshot)
+        self.critic = torch.load(io.BytesIO(critic), map_location=self.policy.device, weights_only=False) if critic else None
         self.config, self.loss, self.kl, self.seed = config, loss, kl, seed
 
     def address(self) -> tuple[str, int]:
@@ -89,16 +94,21 @@ class TrainerRank:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
         self.backend = AllReduceBackend(self.policy.model, self.config.lr, self.config.grad_clip)
+        critic_backend = (AllReduceBackend(self.critic, self.config.critic.lr, self.config.grad_clip)
+                          if self.critic is not None else None)
         self.update = PolicyUpdate(self.policy, self.backend, self.config, self.loss, self.kl, self.seed,
-                                   rank=self.rank, world=self.world)
+                                   self.critic, critic_backend, rank=self.rank, world=self.world)
 
     def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, list[dict[str, float]], dict[str, float]]:
         """(learning rate, this rank's share of each optimiser step's statistics, its all-reduce bytes and seconds)."""
-        self.backend.reduced_bytes, self.backend.reduce_seconds = 0, 0.0
+        backends = [b for b in (self.backend, self.update.critic_backend) if b is not None]
+        for backend in backends:
+            backend.reduced_bytes, backend.reduce_seconds = 0, 0.0
         batch = on_device(batch, self.policy.device)
         lr = self.update.set_learning_rates(step)
         steps = self.update.optimiser_steps(batch, step, kl_coef)
-        return lr, steps, {"bytes": float(self.backend.reduced_bytes), "seconds": self.backend.reduce_seconds}
+        return lr, steps, {"bytes": float(sum(b.reduced_bytes for b in backends)),
+                           "seconds": sum(b.reduce_seconds for b in backends)}
 
     def node(self) -> str:
         """The Ray node this rank runs on."""
@@ -106,17 +116,22 @@ class TrainerRank:
 
         return ray.get_runtime_context().get_node_id()
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}
+    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The policy's trainable state and the critic's (None without one), on the CPU."""
+        critic = {k: v.cpu() for k, v in self.critic.trainable_state().items()} if self.critic is not None else None
+        return {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}, critic
 
     def checksum(self) -> str:
-        return state_checksum(self.policy.trainable_state())
+        state = self.policy.trainable_state()
+        if self.critic is not None:
+            state.update({f"critic.{k}": v for k, v in self.critic.trainable_state().items()})
+        return state_checksum(state)
 
     def save(self, folder: str) -> None:
-        self.backend.save(Path(folder))
+        self.update.save(Path(folder))
 
     def load(self, folder: str) -> None:
-        self.backend.load(Path(folder))
+        self.update.load(Path(folder))
 
     def rows_seen(self, batch_size: int, step: int) -> list[list[int]]:
         """The rows of a batch of `batch_size` this rank trains on at `step`, per optimiser step."""
@@ -138,7 +153,8 @@ class TrainerGroup:
     """
 
     def __init__(self, policy: Policy, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig, seed: int,
-                 cpus_per_trainer: float = 1.0, torch_threads: int = 1, address: str | None = None) -> None:
+                 cpus_per_trainer: float = 1.0, torch_threads: int = 1, address: str | None = None,
+                 critic: ValueModel | None = None) -> None:
         import ray
 
         if world < 1:
@@ -153,11 +169,13 @@ class TrainerGroup:
                 f"{free:g} free (rollout workers take theirs first): lower rl.trainers or rollouts.num_workers, or join "
                 f"a cluster (ray.address)"
             )
-        self.policy, self.world = policy, world
+        self.policy, self.critic, self.world = policy, critic, world
         self.last_comm: dict[str, float] = {}
         snapshot = ray.put(snapshot_policy(policy))
+        critic_snapshot = ray.put(_snapshot(critic)) if critic is not None else None
         remote = ray.remote(TrainerRank).options(num_cpus=cpus_per_trainer, max_restarts=0)
-        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads) for r in range(world)]
+        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads, critic_snapshot)
+                      for r in range(world)]
         try:
             host, port = ray.get(self.ranks[0].address.remote())
             ray.get([rank.join.remote(host, port) for rank in self.ranks])
@@ -195,12 +213,15 @@ class TrainerGroup:
             raise TrainerGroupError(f"a trainer rank raised during the {what}: {error}") from error
 
     def _take_weights(self) -> None:
-        """Rank 0's trainable state into the driver's policy; every rank must hold the same."""
+        """Rank 0's trainable state into the driver's policy (and critic); every rank must hold the same."""
         import ray
 
-        state = ray.get(self.ranks[0].trainable_state.remote())
+        state, critic = ray.get(self.ranks[0].trainable_state.remote())
         device = self.policy.device
         self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
+        if critic is not None:
+            self.critic.load_trainable_state(critic)
+            state = {**state, **{f"critic.{k}": v for k, v in critic.items()}}
         expected = state_checksum(state)
         held = ray.get([rank.checksum.remote() for rank in self.ranks])
         wrong = [r for r, c in enumerate(held) if c != expected]
@@ -218,10 +239,13 @@ class TrainerGroup:
         ray.get(self.ranks[0].save.remote(str(folder)))
 
     def load(self, folder: Path) -> None:
-        """Every rank loads the saved optimiser state (whatever the number of ranks that saved it)."""
+        """Every rank loads the saved optimiser state (whatever the number of ranks that saved it), and
+        the critic's weights; the driver's critic takes rank 0's."""
         import ray
 
         ray.get([rank.load.remote(str(folder)) for rank in self.ranks])
+        if self.critic is not None:
+            self.critic.load_trainable_state(ray.get(self.ranks[0].trainable_state.remote())[1])
 
     def nodes(self) -> list[str]:
         """The Ray node of each rank."""
@@ -241,6 +265,12 @@ class TrainerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+
+
+def _snapshot(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
 
 
 def _finished_well(ref) -> bool:

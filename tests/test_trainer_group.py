@@ -51,9 +51,10 @@ def _run(tmp_path: Path, trainers: int, *more: str) -> tuple[list[dict], dict[st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["lora", "full"])
+@pytest.mark.parametrize("weights", ["lora", "full", "ppo"])
 def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights: str) -> None:
-    more = [] if weights == "lora" else ["rl.lora.enabled=false"]
+    """GRPO under LoRA and with full weights, and PPO with its critic (LoRA policy and critic)."""
+    more = {"lora": [], "full": ["rl.lora.enabled=false"], "ppo": ["rl.algorithm=ppo"]}[weights]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each rank: the same float reduction order in every matmul
     try:
@@ -67,6 +68,8 @@ def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights:
             assert b[key] == pytest.approx(a[key], rel=TOLERANCE, abs=TOLERANCE), key
         assert a["grad_norm"] > 0 and a["loss"] != 0  # an update that trains, not two zeros agreeing
         assert b["trainers/allreduce_bytes"] > 0 and "trainers/allreduce_bytes" not in a
+        if weights == "ppo":
+            assert a["critic/value_loss"] > 0 and b["critic/value_loss"] == pytest.approx(a["critic/value_loss"], rel=TOLERANCE)
     assert w1.keys() == w2.keys()
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) == 0.0
 
@@ -92,7 +95,6 @@ def test_each_rank_trains_on_its_own_half_of_every_minibatch() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     (["rl.trainers=2", "rl.backend=deepspeed", "rl.lora.enabled=false"], "DeepSpeed ZeRO across trainers is not built yet"),
-    (["rl.trainers=2", "rl.algorithm=ppo"], "PPO's critic is not data-parallel yet"),
     (["rl.trainers=3", "rl.prompts_per_step=2", "rl.group_size=4"], "does not split over rl.trainers=3"),
     (["rl.trainers=2", "rl.prompts_per_step=1", "rl.group_size=4", "rl.grad_accum=4"], "at least rl.grad_accum=4"),
     (["rl.trainers=0"], "rl.trainers=0 must be at least 1"),
