@@ -11,10 +11,11 @@ process would take on the whole minibatch. Rank 0's new trainable state comes ba
 driver's policy, which generates (in-process) or syncs to the rollout workers; every
 rank's checksum is compared with it.
 
-What runs here: the torch backend (LoRA adapters or full weights), the GRPO family and
-PPO, whose critic is data-parallel the same way (each rank holds a replica; the driver's
-critic, which computes the values, takes rank 0's after each update). DeepSpeed ZeRO
-across ranks is refused by `check_recipe`.
+What runs here: the torch backend (LoRA adapters or full weights) and DeepSpeed ZeRO-1
+and ZeRO-2 (each rank one part of an engine over the N ranks), the GRPO family and PPO,
+whose critic is data-parallel the same way (each rank holds a replica; the driver's
+critic, which computes the values, takes rank 0's after each update). ZeRO-3 across
+ranks is refused by `check_recipe`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,42 @@ class AllReduceBackend(TorchBackend):
         return super().step()
 
 
+class SummingDeepSpeedBackend:
+    """A `DeepSpeedBackend` across the trainer ranks. DeepSpeed averages the ranks' gradients;
+    each loss is multiplied by the number of ranks first, so the average is the sum the
+    other backends take (a scaling by a power of two is exact)."""
+
+    def __init__(self, world: int, module: torch.nn.Module, lr: float, grad_clip: float, zero_stage: int,
+                 config: dict | None) -> None:
+        from .deepspeed_backend import DeepSpeedBackend
+
+        self.world, self.inner = world, DeepSpeedBackend(module, lr, grad_clip, zero_stage=zero_stage, config=config)
+        self.size = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        self.reduced_bytes, self.reduce_seconds = 0, 0.0  # bytes reduced; DeepSpeed's own timing is not separated
+
+    def set_lr(self, lr: float) -> None:
+        self.inner.set_lr(lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.inner.backward(loss * self.world)
+
+    def step(self) -> float:
+        self.reduced_bytes += self.size
+        return self.inner.step()
+
+    def save(self, folder: Path) -> None:
+        self.inner.save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.inner.load(folder)
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        return self.inner.full_parameters()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class TrainerRank:
     """One data-parallel rank: a replica of the policy, its optimiser and its share of each update."""
 
@@ -89,15 +126,25 @@ class TrainerRank:
 
     def join(self, host: str, port: int) -> None:
         """Join the process group (returns once every rank has joined), then build the optimiser."""
+        import os
+
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # DeepSpeed reads the rendezvous from the environment and reuses the group made here
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0", MASTER_ADDR=host,
+                          MASTER_PORT=str(port))
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
-        self.backend = AllReduceBackend(self.policy.model, self.config.lr, self.config.grad_clip)
-        critic_backend = (AllReduceBackend(self.critic, self.config.critic.lr, self.config.grad_clip)
-                          if self.critic is not None else None)
+        self.backend = self._backend(self.policy.model, self.config.lr)
+        critic_backend = self._backend(self.critic, self.config.critic.lr) if self.critic is not None else None
         self.update = PolicyUpdate(self.policy, self.backend, self.config, self.loss, self.kl, self.seed,
                                    self.critic, critic_backend, rank=self.rank, world=self.world)
+
+    def _backend(self, module: torch.nn.Module, lr: float) -> AllReduceBackend | SummingDeepSpeedBackend:
+        if self.config.backend == "deepspeed":
+            ds = self.config.deepspeed
+            return SummingDeepSpeedBackend(self.world, module, lr, self.config.grad_clip, ds.zero_stage, ds.config)
+        return AllReduceBackend(module, lr, self.config.grad_clip)
 
     def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, list[dict[str, float]], dict[str, float]]:
         """(learning rate, this rank's share of each optimiser step's statistics, its all-reduce bytes and seconds)."""
@@ -116,16 +163,16 @@ class TrainerRank:
 
         return ray.get_runtime_context().get_node_id()
 
-    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """The policy's trainable state and the critic's (None without one), on the CPU."""
-        critic = {k: v.cpu() for k, v in self.critic.trainable_state().items()} if self.critic is not None else None
-        return {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}, critic
-
-    def checksum(self) -> str:
-        state = self.policy.trainable_state()
-        if self.critic is not None:
-            state.update({f"critic.{k}": v for k, v in self.critic.trainable_state().items()})
-        return state_checksum(state)
+    def weights(self, send: bool) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """(checksum of the policy's and the critic's trainable state, and, with `send`, the two
+        states on the CPU). Every rank must call it: under ZeRO-3 reading the weights is collective."""
+        with self.update.full_parameters(), contextlib.ExitStack() as stack:
+            if self.update.critic_backend is not None:
+                stack.enter_context(self.update.critic_backend.full_parameters())
+            policy = {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}
+            critic = {k: v.cpu() for k, v in self.critic.trainable_state().items()} if self.critic is not None else None
+        both = {**policy, **{f"critic.{k}": v for k, v in (critic or {}).items()}}
+        return state_checksum(both), (policy if send else None), (critic if send else None)
 
     def save(self, folder: str) -> None:
         self.update.save(Path(folder))
@@ -170,6 +217,7 @@ class TrainerGroup:
                 f"a cluster (ray.address)"
             )
         self.policy, self.critic, self.world = policy, critic, world
+        self.collective_save = config.backend == "deepspeed"
         self.last_comm: dict[str, float] = {}
         snapshot = ray.put(snapshot_policy(policy))
         critic_snapshot = ray.put(_snapshot(critic)) if critic is not None else None
@@ -214,38 +262,32 @@ class TrainerGroup:
 
     def _take_weights(self) -> None:
         """Rank 0's trainable state into the driver's policy (and critic); every rank must hold the same."""
-        import ray
-
-        state, critic = ray.get(self.ranks[0].trainable_state.remote())
+        held = self._gather([rank.weights.remote(r == 0) for r, rank in enumerate(self.ranks)], "weight check")
+        _, state, critic = held[0]
         device = self.policy.device
         self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
         if critic is not None:
             self.critic.load_trainable_state(critic)
-            state = {**state, **{f"critic.{k}": v for k, v in critic.items()}}
-        expected = state_checksum(state)
-        held = ray.get([rank.checksum.remote() for rank in self.ranks])
-        wrong = [r for r, c in enumerate(held) if c != expected]
+        wrong = [r for r, (checksum, _, _) in enumerate(held) if checksum != held[0][0]]
         if wrong:
-            raise RuntimeError(f"trainer ranks {wrong} hold other weights than rank 0 after the same update: their "
-                               f"gradients were not summed alike; the run cannot go on")
+            raise TrainerGroupError(f"trainer ranks {wrong} hold other weights than rank 0 after the same update: their "
+                                    f"gradients were not summed alike; the run cannot go on")
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the driver's policy holds the whole weights
 
     def save(self, folder: Path) -> None:
-        """The optimiser state, the same on every rank: rank 0 writes it."""
-        import ray
-
-        ray.get(self.ranks[0].save.remote(str(folder)))
+        """The optimiser state: the same on every rank under the torch backend (rank 0 writes it);
+        under DeepSpeed every rank writes its partition (into one folder)."""
+        ranks = self.ranks if self.collective_save else self.ranks[:1]
+        self._gather([rank.save.remote(str(folder)) for rank in ranks], "checkpoint save")
 
     def load(self, folder: Path) -> None:
-        """Every rank loads the saved optimiser state (whatever the number of ranks that saved it), and
-        the critic's weights; the driver's critic takes rank 0's."""
-        import ray
-
-        ray.get([rank.load.remote(str(folder)) for rank in self.ranks])
-        if self.critic is not None:
-            self.critic.load_trainable_state(ray.get(self.ranks[0].trainable_state.remote())[1])
+        """Every rank loads the saved optimiser state (under the torch backend, whatever the number of
+        ranks that saved it; under DeepSpeed, the same number) and the critic's weights; the driver
+        takes rank 0's weights."""
+        self._gather([rank.load.remote(str(folder)) for rank in self.ranks], "checkpoint load")
+        self._take_weights()
 
     def nodes(self) -> list[str]:
         """The Ray node of each rank."""
