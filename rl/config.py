@@ -98,6 +98,8 @@ class CriticConfig:
 class RLConfig:
     # data-parallel trainer processes (Ray actors, gradients summed across them; see rl/trainer_group.py)
     trainers: int = 1
+    # a trainer process that dies restarts the group from the last checkpoint, at most this many times a run
+    trainer_restarts: int = 2
     algorithm: Literal["grpo", "ppo"] = "grpo"  # grpo: the GRPO family (group advantages, no critic); ppo: GAE with a critic
     steps: int = 100
     prompts_per_step: int = 16
@@ -290,8 +292,8 @@ def _cross_key_problems(recipe: Recipe) -> list[str]:
 def _trainer_problems(recipe: Recipe) -> list[str]:
     """`rl.trainers` > 1: what the data-parallel group serves, and a batch that splits over it."""
     rl = recipe.rl
-    if rl.trainers < 1:
-        return [f"rl.trainers={rl.trainers} must be at least 1"]
+    if rl.trainers < 1 or rl.trainer_restarts < 0:
+        return [f"rl.trainers={rl.trainers} must be at least 1 and rl.trainer_restarts={rl.trainer_restarts} at least 0"]
     if rl.trainers == 1:
         return []
     problems = []

@@ -34,7 +34,7 @@ from vocalign.rollouts.contract import RolloutSource
 from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.worker import RolloutWorker
 
-from .checkpoint import ADAPTER_NAME, read_state, restore_rng, save_base, save_checkpoint, seed_everything
+from .checkpoint import ADAPTER_NAME, intact_checkpoint, read_state, restore_rng, save_base, save_checkpoint, seed_everything
 from .config import Recipe, check_recipe
 from .critic import ValueModel
 from .prompts import audio_limit, build_data
@@ -45,6 +45,7 @@ from .sft import SFTTrainer
 from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, style_table
 from .tracking import RunTracker, read_metrics
 from .trainer import PromptCursor, RLTrainer
+from .trainer_group import TrainerGroupError
 
 
 def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
@@ -133,12 +134,27 @@ def train(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
     existed = run_dir.exists()
     resume_from = claim(run_dir, recipe.run.resume, force)
     state = _resume_state(run_dir, resume_from)
-    try:
-        return _run(recipe, run_dir, resume_from, state)
-    except BaseException as error:
-        trained = (run_dir / "metrics.jsonl").exists() and bool(read_metrics(run_dir / "metrics.jsonl"))
-        mark_failed(run_dir, existed, trained or resume_from is not None, error)
-        raise
+    restarts = 0
+    while True:
+        try:
+            return _run(recipe, run_dir, resume_from, state)
+        except TrainerGroupError as error:
+            latest = intact_checkpoint(run_dir)
+            if restarts >= recipe.rl.trainer_restarts or latest is None:
+                _failed(run_dir, existed, resume_from, error)
+                raise
+            restarts += 1  # as run.resume=true would: from the last checkpoint, later steps logged again
+            tqdm.write(f"{error}\nrestarting the trainers from {latest} (restart {restarts} of rl.trainer_restarts="
+                       f"{recipe.rl.trainer_restarts})")
+            resume_from, state = latest, _resume_state(run_dir, latest)
+        except BaseException as error:
+            _failed(run_dir, existed, resume_from, error)
+            raise
+
+
+def _failed(run_dir: Path, existed: bool, resume_from: Path | None, error: BaseException) -> None:
+    trained = (run_dir / "metrics.jsonl").exists() and bool(read_metrics(run_dir / "metrics.jsonl"))
+    mark_failed(run_dir, existed, trained or resume_from is not None, error)
 
 
 def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -> Path:

@@ -204,7 +204,10 @@ def kill_a_rank(rollouts):
 
 
 @pytest.mark.slow
-def test_a_killed_trainer_stops_the_run_cleanly_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
+def test_a_killed_trainer_is_recovered_from_the_last_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """By default the run restarts its trainers from the last checkpoint by itself; with
+    rl.trainer_restarts=0 it stops, and run.resume=true continues it. Either way it ends
+    bitwise where an uninterrupted run ends, every step logged once."""
     from vocalign.rl.trainer_group import TrainerGroupError
 
     def recipe(out: Path, *more: str) -> Recipe:
@@ -218,20 +221,27 @@ def test_a_killed_trainer_stops_the_run_cleanly_and_resume_ends_where_an_uninter
         _KILL_AT.clear()
         whole_dir = train(recipe(tmp_path / "whole"), "demo")
         _CALLS.clear()
-        _KILL_AT.append(2)  # the second step's rewards: rank 1 dies before that step's update
+        _KILL_AT.append(2)  # the second step's rewards: a rank dies before that step's update
         with pytest.raises(TrainerGroupError, match=r"died during the update at step 2 .* run.resume=true"):
-            train(recipe(tmp_path / "killed"), "demo")
+            train(recipe(tmp_path / "killed", "rl.trainer_restarts=0"), "demo")
         assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step-*")) == ["step-1"]
         _KILL_AT.clear()
         resumed_dir = train(recipe(tmp_path / "killed", "run.resume=true"), "demo")
+        _CALLS.clear()
+        _KILL_AT.append(2)
+        recovered_dir = train(recipe(tmp_path / "recovered"), "demo")  # rl.trainer_restarts: 2 by default
+        _KILL_AT.clear()
     finally:
         torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    assert printed.out.count("restarting the trainers from") + printed.err.count("restarting the trainers from") == 1
     whole = [r for r in read_metrics(whole_dir / "metrics.jsonl") if r.get("stage") == "rl"]
-    resumed = [r for r in read_metrics(resumed_dir / "metrics.jsonl") if r.get("stage") == "rl"]
-    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3]  # no step lost or counted twice
-    for a, b in zip(whole, resumed):
-        for key in SAME:
-            assert b[key] == a[key], key
     final = load_checkpoint(whole_dir / "checkpoints" / "step-3").model.state_dict()
-    again = load_checkpoint(resumed_dir / "checkpoints" / "step-3").model.state_dict()
-    assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
+    for run_dir in (resumed_dir, recovered_dir):
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+        assert [r["step"] for r in rows] == [r["step"] for r in whole] == [1, 2, 3]  # no step lost or counted twice
+        for a, b in zip(whole, rows):
+            for key in SAME:
+                assert b[key] == a[key], key
+        again = load_checkpoint(run_dir / "checkpoints" / "step-3").model.state_dict()
+        assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
