@@ -297,10 +297,6 @@ def _trainer_problems(recipe: Recipe) -> list[str]:
     if rl.trainers == 1:
         return []
     problems = []
-    if rl.backend == "deepspeed" and rl.deepspeed.zero_stage == 3:
-        problems.append(f"rl.trainers={rl.trainers} with ZeRO-3: its per-layer weight gathers went out of step between "
-                        f"the ranks (a gloo collective mismatch), so it is refused for now; use rl.deepspeed.zero_stage "
-                        f"1 or 2 across trainers, or ZeRO-3 with rl.trainers=1")
     responses = rl.prompts_per_step * rl.group_size
     minibatch = responses // max(1, rl.minibatches)
     if responses % max(1, rl.minibatches) or minibatch % rl.trainers or minibatch // rl.trainers < rl.grad_accum:

@@ -11,11 +11,10 @@ process would take on the whole minibatch. Rank 0's new trainable state comes ba
 driver's policy, which generates (in-process) or syncs to the rollout workers; every
 rank's checksum is compared with it.
 
-What runs here: the torch backend (LoRA adapters or full weights) and DeepSpeed ZeRO-1
-and ZeRO-2 (each rank one part of an engine over the N ranks), the GRPO family and PPO,
+What runs here: the torch backend (LoRA adapters or full weights) and DeepSpeed ZeRO 1,
+2 and 3 (each rank one part of an engine over the N ranks), the GRPO family and PPO,
 whose critic is data-parallel the same way (each rank holds a replica; the driver's
-critic, which computes the values, takes rank 0's after each update). ZeRO-3 across
-ranks is refused by `check_recipe`.
+critic, which computes the values, takes rank 0's after each update).
 """
 
 from __future__ import annotations
@@ -77,8 +76,9 @@ class SummingDeepSpeedBackend:
                  config: dict | None) -> None:
         from .deepspeed_backend import DeepSpeedBackend
 
-        self.world, self.inner = world, DeepSpeedBackend(module, lr, grad_clip, zero_stage=zero_stage, config=config)
+        # the gradient's size, read before ZeRO-3 partitions the weights (then each holds a slice)
         self.size = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        self.world, self.inner = world, DeepSpeedBackend(module, lr, grad_clip, zero_stage=zero_stage, config=config)
         self.reduced_bytes, self.reduce_seconds = 0, 0.0  # bytes reduced; DeepSpeed's own timing is not separated
 
     def set_lr(self, lr: float) -> None:
@@ -114,6 +114,13 @@ class TrainerRank:
         self.policy = restore_policy(snapshot)
         self.critic = torch.load(io.BytesIO(critic), map_location=self.policy.device, weights_only=False) if critic else None
         self.config, self.loss, self.kl, self.seed = config, loss, kl, seed
+        if config.backend == "deepspeed" and config.deepspeed.zero_stage == 3:
+            # ZeRO-3 gathers each layer's weights as it runs, collectively: every rank must run the
+            # same layers in the same order, whatever its rows. A prompt shared by a rank's rows
+            # would take the two-pass forward on one rank and the one-pass forward on another.
+            self.policy.shared_prompt_forward = False
+            if self.critic is not None:
+                self.critic._view.shared_prompt_forward = False
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the others: this node's address and a free port."""

@@ -51,13 +51,14 @@ def _run(tmp_path: Path, trainers: int, *more: str) -> tuple[list[dict], dict[st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["lora", "full", "ppo", "zero1", "zero2"])
+@pytest.mark.parametrize("weights", ["lora", "full", "ppo", "zero1", "zero2", "zero3"])
 def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights: str) -> None:
     """GRPO under LoRA and with full weights, PPO with its critic (LoRA policy and critic), and
-    full weights through DeepSpeed ZeRO-1 and ZeRO-2 (each rank an engine of a 2-rank group)."""
+    full weights through DeepSpeed ZeRO-1, 2 and 3 (each rank an engine of a 2-rank group)."""
     deepspeed = ["rl.lora.enabled=false", "rl.backend=deepspeed"]
     more = {"lora": [], "full": ["rl.lora.enabled=false"], "ppo": ["rl.algorithm=ppo"],
-            "zero1": [*deepspeed, "rl.deepspeed.zero_stage=1"], "zero2": [*deepspeed, "rl.deepspeed.zero_stage=2"]}[weights]
+            "zero1": [*deepspeed, "rl.deepspeed.zero_stage=1"], "zero2": [*deepspeed, "rl.deepspeed.zero_stage=2"],
+            "zero3": [*deepspeed, "rl.deepspeed.zero_stage=3"]}[weights]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each rank: the same float reduction order in every matmul
     try:
@@ -75,8 +76,9 @@ def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights:
             assert a["critic/value_loss"] > 0 and b["critic/value_loss"] == pytest.approx(a["critic/value_loss"], rel=TOLERANCE)
     assert w1.keys() == w2.keys()
     # DeepSpeed averages the ranks' gradients in its own bucket order (the loss is scaled by the
-    # number of ranks first): the last bit of a few weights differs
-    exact = 0.0 if weights in ("lora", "full", "ppo") else 2e-7
+    # number of ranks first): the last bits of a few weights differ; ZeRO-3's ranks also run the
+    # one-pass forward where one process shares a group's prompt (see TrainerRank)
+    exact = {"zero1": 2e-7, "zero2": 2e-7, "zero3": 1e-6}.get(weights, 0.0)
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= exact
 
 
@@ -101,7 +103,6 @@ def test_each_rank_trains_on_its_own_half_of_every_minibatch() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     (["rl.trainers=3", "rl.prompts_per_step=2", "rl.group_size=4"], "does not split over rl.trainers=3"),
-    (["rl.trainers=2", "rl.backend=deepspeed", "rl.lora.enabled=false", "rl.deepspeed.zero_stage=3"], "with ZeRO-3"),
     (["rl.trainers=2", "rl.backend=deepspeed"], "rl.backend=deepspeed trains full weights"),
     (["rl.trainers=2", "rl.prompts_per_step=1", "rl.group_size=4", "rl.grad_accum=4"], "at least rl.grad_accum=4"),
     (["rl.trainers=0"], "rl.trainers=0 must be at least 1"),
