@@ -246,3 +246,23 @@ def test_a_killed_trainer_is_recovered_from_the_last_checkpoint(tmp_path: Path, 
                 assert b[key] == a[key], key
         again = load_checkpoint(run_dir / "checkpoints" / "step-3").model.state_dict()
         assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
+
+
+@pytest.mark.slow
+def test_trainers_with_rollout_workers_sync_the_new_weights_to_them(tmp_path: Path) -> None:
+    """Two trainer ranks and one Ray rollout worker: the worker takes each update's weights
+    (the driver's, from rank 0), version and checksum verified, and the run is the one-process run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = ["rollouts.num_workers=1", "rollouts.cpus_per_worker=0"]  # beside the two ranks on two CPUs
+        (alone, w1), (grouped, w2) = _run(tmp_path, 1, "rl.grad_accum=2"), _run(tmp_path, 2, *worker)
+    finally:
+        torch.set_num_threads(threads)
+    alone = [r for r in alone if r.get("stage") == "rl"]
+    grouped = [r for r in grouped if r.get("stage") == "rl"]
+    for a, b in zip(alone, grouped):
+        for key in SAME:
+            assert b[key] == pytest.approx(a[key], rel=TOLERANCE, abs=TOLERANCE), key
+        assert b["sync/bytes"] > 0 and b["rollouts/staleness"] == 0.0
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) == 0.0
