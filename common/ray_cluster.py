@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Any
 
@@ -29,6 +30,13 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     # Actors import functions named `module:function` from the driver's working directory and path.
     paths = [os.getcwd() if p == "" else p for p in sys.path]
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def task_error_cause(error: BaseException) -> BaseException:

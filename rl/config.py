@@ -382,7 +382,8 @@ def _tool_problems(ro: RolloutConfig) -> list[str]:
     enabled = {}
     for reference in ro.tools:
         try:
-            enabled[get_tool(reference).name] = get_tool(reference)
+            found = get_tool(reference)
+            enabled[found.name] = found
         except ValueError:
             continue
     for name, options in ro.tool_options.items():

@@ -36,13 +36,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from vocalign.common.ray_cluster import free_port
 
 # The DeepSpeed checkpoint (optimiser partitions, fp32 master weights, engine counters)
 # goes into this subfolder of the caller's checkpoint folder, under a fixed tag.
@@ -61,12 +62,6 @@ _OWNED_KEYS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_distributed() -> None:
     """Initialise DeepSpeed's communication, as one process when no launcher set it up.
 
@@ -80,7 +75,7 @@ def ensure_distributed() -> None:
 
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("LOCAL_RANK", "0")
     accelerator = get_accelerator()
@@ -157,7 +152,8 @@ class DeepSpeedBackend:
 
     def __init__(self, module: nn.Module, lr: float, grad_clip: float, zero_stage: int = 2,
                  config: Mapping[str, Any] | None = None, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **unknown: Any) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, sum_ranks: bool = False,
+                 **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f"unknown DeepSpeed backend option(s) {sorted(unknown)}; the options are zero_stage and config "
@@ -169,6 +165,8 @@ class DeepSpeedBackend:
         if not params:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
         ds_config = deepspeed_config(zero_stage, grad_clip, config)
+        # the gradient's size, read before ZeRO-3 partitions the weights (each rank then holds a slice)
+        self.gradient_bytes = sum(p.numel() * p.element_size() for p in params)
         ensure_distributed()
         linear_before = torch.nn.functional.linear
         if _offloads_optimizer(ds_config):
@@ -186,6 +184,9 @@ class DeepSpeedBackend:
         self._note_linear_swap(linear_before)
         self.config = ds_config
         self._gathered = 0  # depth of nested full_parameters()
+        # DeepSpeed averages the data-parallel ranks' gradients; scaling each loss by their number
+        # makes that the sum (vocalign's trainer ranks, rl/trainer_group.py)
+        self.loss_scale = float(torch.distributed.get_world_size()) if sum_ranks else 1.0
 
     # -- the Backend interface -----------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -196,6 +197,8 @@ class DeepSpeedBackend:
         """Accumulate the gradients of one micro-batch's loss (already scaled by the caller)."""
         if self._gathered:
             raise RuntimeError("backward() inside full_parameters(): ZeRO-3's gradient hooks are off there; leave the block first")
+        if self.loss_scale != 1.0:
+            loss = loss * self.loss_scale
         self._start_micro_batch(loss)
         self.engine.backward(loss, scale_wrt_gas=False)
 

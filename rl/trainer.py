@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from vocalign.data.types import Prompt, Rollout
-from vocalign.model.policy import Policy, Sampling, SequenceBatch
+from vocalign.model.policy import Policy, Sampling
 from vocalign.rewards import RewardSpec, score
 from vocalign.rewards.workers import RewardWorkers
 from vocalign.rollouts.contract import RolloutSource
@@ -39,7 +39,7 @@ from .allocator import keep_freed_memory
 from .backends import Backend
 from .config import KLConfig, LossConfig, RLConfig
 from .critic import ValueModel
-from .update import PolicyUpdate, StepBatch, Updater, local_update
+from .update import PolicyUpdate, StepBatch, Updater, local_update, sequences
 
 class PromptCursor:
     """The RL prompts in a seeded order, taken in turn; its position is saved in checkpoints."""
@@ -203,13 +203,6 @@ class RLTrainer:
                 r.group = k // G
         return rollouts, totals, {**reward_metrics, **extra}
 
-    def _sequences(self, batch: StepBatch, rows: list[int]) -> SequenceBatch:
-        rollouts = batch.rollouts
-        return self.policy.sequences(
-            [rollouts[i].prompt_ids for i in rows], [rollouts[i].response_ids for i in rows],
-            [batch.encoded[rollouts[i].prompt.id] for i in rows],
-        )
-
     def step(self, cursor: PromptCursor, step: int) -> tuple[dict[str, float], list[Rollout]]:
         """One RL step: collect -> check versions -> batch tensors -> reference and values
         -> advantages -> update -> sync -> metrics. Each phase is timed as `time/<phase>_s`."""
@@ -272,7 +265,7 @@ class RLTrainer:
         self.policy.model.eval()
         with torch.no_grad(), self.updater.full_parameters():
             for start in range(0, batch.size, chunk):
-                seqs = self._sequences(batch, list(range(start, min(batch.size, start + chunk))))
+                seqs = sequences(self.policy, batch, list(range(start, min(batch.size, start + chunk))))
                 pad = (0, width - seqs.response_mask.shape[1])
                 if self.kl_coef > 0:
                     with self.policy.reference() as ref:

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import time
 from pathlib import Path
 
 import torch
 
-from vocalign.common.ray_cluster import ensure_ray
+from vocalign.common.ray_cluster import ensure_ray, free_port
 from vocalign.model.policy import Policy
 from vocalign.rollouts.sync import restore_policy, snapshot_policy, state_checksum
 
 from .backends import TorchBackend
+from .deepspeed_backend import DeepSpeedBackend
 from .config import KLConfig, LossConfig, RLConfig
 from .critic import ValueModel
 from .update import PolicyUpdate, StepBatch, combine_ranks
@@ -49,7 +49,8 @@ class AllReduceBackend(TorchBackend):
 
     def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float) -> None:
         super().__init__(module, lr, grad_clip)
-        self.reduced_bytes, self.reduce_seconds = 0, 0.0
+        self.gradient_bytes = sum(p.numel() * p.element_size() for p in self.params)  # reduced per step
+        self.reduce_seconds = 0.0
 
     def step(self) -> float:
         import torch.distributed as dist
@@ -59,49 +60,11 @@ class AllReduceBackend(TorchBackend):
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)  # a rank with no rows in this minibatch contributes zeros
         offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        for p, g in zip(self.params, grads):  # views into the reduced buffer (the step sets grads to None after)
+            p.grad = flat[offset : offset + g.numel()].view_as(g)
             offset += g.numel()
-        self.reduced_bytes += flat.numel() * flat.element_size()
         self.reduce_seconds += time.perf_counter() - t0
         return super().step()
-
-
-class SummingDeepSpeedBackend:
-    """A `DeepSpeedBackend` across the trainer ranks. DeepSpeed averages the ranks' gradients;
-    each loss is multiplied by the number of ranks first, so the average is the sum the
-    other backends take (a scaling by a power of two is exact)."""
-
-    def __init__(self, world: int, module: torch.nn.Module, lr: float, grad_clip: float, zero_stage: int,
-                 config: dict | None) -> None:
-        from .deepspeed_backend import DeepSpeedBackend
-
-        # the gradient's size, read before ZeRO-3 partitions the weights (then each holds a slice)
-        self.size = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-        self.world, self.inner = world, DeepSpeedBackend(module, lr, grad_clip, zero_stage=zero_stage, config=config)
-        self.reduced_bytes, self.reduce_seconds = 0, 0.0  # bytes reduced; DeepSpeed's own timing is not separated
-
-    def set_lr(self, lr: float) -> None:
-        self.inner.set_lr(lr)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.inner.backward(loss * self.world)
-
-    def step(self) -> float:
-        self.reduced_bytes += self.size
-        return self.inner.step()
-
-    def save(self, folder: Path) -> None:
-        self.inner.save(folder)
-
-    def load(self, folder: Path) -> None:
-        self.inner.load(folder)
-
-    def full_parameters(self) -> contextlib.AbstractContextManager:
-        return self.inner.full_parameters()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class TrainerRank:
@@ -126,10 +89,7 @@ class TrainerRank:
         """Where rank 0 listens for the others: this node's address and a free port."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port()
 
     def join(self, host: str, port: int) -> None:
         """Join the process group (returns once every rank has joined), then build the optimiser."""
@@ -147,22 +107,26 @@ class TrainerRank:
         self.update = PolicyUpdate(self.policy, self.backend, self.config, self.loss, self.kl, self.seed,
                                    self.critic, critic_backend, rank=self.rank, world=self.world)
 
-    def _backend(self, module: torch.nn.Module, lr: float) -> AllReduceBackend | SummingDeepSpeedBackend:
+    def _backend(self, module: torch.nn.Module, lr: float) -> AllReduceBackend | DeepSpeedBackend:
         if self.config.backend == "deepspeed":
             ds = self.config.deepspeed
-            return SummingDeepSpeedBackend(self.world, module, lr, self.config.grad_clip, ds.zero_stage, ds.config)
+            # DeepSpeed averages the ranks' gradients: `sum_ranks` makes it the sum the torch backend takes
+            return DeepSpeedBackend(module, lr, self.config.grad_clip, zero_stage=ds.zero_stage, config=ds.config,
+                                    sum_ranks=True)
         return AllReduceBackend(module, lr, self.config.grad_clip)
 
     def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, list[dict[str, float]], dict[str, float]]:
-        """(learning rate, this rank's share of each optimiser step's statistics, its all-reduce bytes and seconds)."""
+        """(learning rate, this rank's share of each optimiser step's statistics, its gradient all-reduce
+        bytes and seconds; DeepSpeed's reduction is inside its step, so its seconds are not counted)."""
         backends = [b for b in (self.backend, self.update.critic_backend) if b is not None]
-        for backend in backends:
-            backend.reduced_bytes, backend.reduce_seconds = 0, 0.0
+        timed = [b for b in backends if isinstance(b, AllReduceBackend)]
+        for backend in timed:
+            backend.reduce_seconds = 0.0
         batch = on_device(batch, self.policy.device)
         lr = self.update.set_learning_rates(step)
         steps = self.update.optimiser_steps(batch, step, kl_coef)
-        return lr, steps, {"bytes": float(sum(b.reduced_bytes for b in backends)),
-                           "seconds": sum(b.reduce_seconds for b in backends)}
+        return lr, steps, {"bytes": float(len(steps) * sum(b.gradient_bytes for b in backends)),
+                           "seconds": sum(b.reduce_seconds for b in timed)}
 
     def node(self) -> str:
         """The Ray node this rank runs on."""
@@ -189,13 +153,7 @@ class TrainerRank:
 
     def rows_seen(self, batch_size: int, step: int) -> list[list[int]]:
         """The rows of a batch of `batch_size` this rank trains on at `step`, per optimiser step."""
-        cfg = self.config
-        mb_size = -(-batch_size // cfg.minibatches)
-        seen = []
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
-            seen += [self.update._share(order[s : s + mb_size]) for s in range(0, batch_size, mb_size)]
-        return seen
+        return [self.update.share(rows) for rows in self.update.minibatches(batch_size, step)]
 
 
 class TrainerGroup:

@@ -123,25 +123,32 @@ class PolicyUpdate:
             self.critic.train()
         self.policy.model.train()
         steps: list[dict[str, float]] = []
-        mb_size = -(-N // cfg.minibatches)
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
-            for mb_start in range(0, N, mb_size):
-                mb_rows = order[mb_start : mb_start + mb_size]
-                mb_mask = batch.mask[mb_rows]
-                units, tokens = alg.loss_units(mb_mask, self.loss_cfg.aggregation), float(mb_mask.sum())
-                mine = self._share(mb_rows)
-                parts: dict[str, float] = defaultdict(float)  # the minibatch's statistics, summed over its micro-batches
-                micro = max(1, -(-len(mine) // cfg.grad_accum))
-                for m_start in range(0, len(mine), micro):
-                    self._micro_step(batch, MicroBatch(mine[m_start : m_start + micro], units, tokens), kl_coef, parts)
-                parts["grad_norm"] = self.backend.step()
-                if self.critic_backend is not None:
-                    parts["critic/grad_norm"] = self.critic_backend.step()
-                steps.append(dict(parts))
+        for mb_rows in self.minibatches(N, step):
+            mb_mask = batch.mask[mb_rows]
+            units, tokens = alg.loss_units(mb_mask, self.loss_cfg.aggregation), float(mb_mask.sum())
+            mine = self.share(mb_rows)
+            parts: dict[str, float] = defaultdict(float)  # the minibatch's statistics, summed over its micro-batches
+            micro = max(1, -(-len(mine) // cfg.grad_accum))
+            for m_start in range(0, len(mine), micro):
+                self._micro_step(batch, MicroBatch(mine[m_start : m_start + micro], units, tokens), kl_coef, parts)
+            parts["grad_norm"] = self.backend.step()
+            if self.critic_backend is not None:
+                parts["critic/grad_norm"] = self.critic_backend.step()
+            steps.append(dict(parts))
         return steps
 
-    def _share(self, rows: list[int]) -> list[int]:
+    def minibatches(self, size: int, step: int) -> list[list[int]]:
+        """The rows of each optimiser step of `step`: `epochs` seeded shuffles of a batch of
+        `size`, each cut into `minibatches` (the same on every rank)."""
+        cfg = self.config
+        mb_size = -(-size // cfg.minibatches)
+        out = []
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + step * 131 + epoch)).tolist()
+            out += [order[start : start + mb_size] for start in range(0, size, mb_size)]
+        return out
+
+    def share(self, rows: list[int]) -> list[int]:
         """This rank's contiguous share of a minibatch's rows (all of them in one process)."""
         bounds = shard_bounds(len(rows), self.world)
         if self.rank >= len(bounds):
@@ -150,11 +157,7 @@ class PolicyUpdate:
         return rows[start:end]
 
     def sequences(self, batch: StepBatch, rows: list[int]) -> SequenceBatch:
-        rollouts = batch.rollouts
-        return self.policy.sequences(
-            [rollouts[i].prompt_ids for i in rows], [rollouts[i].response_ids for i in rows],
-            [batch.encoded[rollouts[i].prompt.id] for i in rows],
-        )
+        return sequences(self.policy, batch, rows)
 
     # -- checkpoint state ----------------------------------------------------------------
     def full_parameters(self) -> contextlib.AbstractContextManager:
@@ -228,6 +231,15 @@ class PolicyUpdate:
         stats["critic/value_loss"] += float(alg.masked_mean(vloss.detach(), m)) * share
         stats["critic/clip_frac"] += float(alg.masked_mean(vclipped.float(), m)) * share
         stats["critic/value_mean"] += float(alg.masked_mean(v.detach(), m)) * share
+
+
+def sequences(policy: Policy, batch: StepBatch, rows: list[int]) -> SequenceBatch:
+    """Rows of `batch` packed as the policy's prompt-then-response sequences, prompts' audio encoded."""
+    rollouts = batch.rollouts
+    return policy.sequences(
+        [rollouts[i].prompt_ids for i in rows], [rollouts[i].response_ids for i in rows],
+        [batch.encoded[rollouts[i].prompt.id] for i in rows],
+    )
 
 
 def combine_ranks(per_rank: list[list[dict[str, float]]]) -> dict[str, float]:
