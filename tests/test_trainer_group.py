@@ -266,3 +266,80 @@ def test_trainers_with_rollout_workers_sync_the_new_weights_to_them(tmp_path: Pa
             assert b[key] == pytest.approx(a[key], rel=TOLERANCE, abs=TOLERANCE), key
         assert b["sync/bytes"] > 0 and b["rollouts/staleness"] == 0.0
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) == 0.0
+
+
+def _kill_rank_one() -> None:
+    import os
+    import signal
+
+    import psutil
+
+    ranks = [p for p in psutil.process_iter(["pid", "cmdline"]) if "ray::TrainerRank" in " ".join(p.info["cmdline"] or [])]
+    assert len(ranks) == 2, [p.info for p in ranks]
+    os.kill(max(p.info["pid"] for p in ranks), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_while_writing_a_checkpoint_is_recovered(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ZeRO-2 over two ranks writes each rank's optimiser partition collectively. A rank killed
+    once the first DeepSpeed file of step 2's checkpoint is on disk leaves only a temporary
+    folder; the group restarts from step 1's checkpoint and ends bitwise where the
+    uninterrupted run ends, every step logged once."""
+    import time
+
+    from vocalign.rl.trainer_group import TrainerGroup
+
+    gather = TrainerGroup._gather
+    seen: dict[str, object] = {}
+
+    def kill_mid_save(self, refs, what):
+        folder = seen.get("folder")
+        if what == "checkpoint save" and folder is not None and not seen.get("killed"):
+            deadline = time.monotonic() + 30
+            shards = Path(folder) / "deepspeed"
+            while not any(p.is_file() for p in shards.rglob("*")) and time.monotonic() < deadline:
+                time.sleep(0.005)  # until a rank has written its first DeepSpeed file
+            seen["written_before_kill"] = sorted(p.name for p in shards.rglob("*") if p.is_file())
+            _kill_rank_one()
+            seen["killed"] = True
+        return gather(self, refs, what)
+
+    save = TrainerGroup.save
+
+    def note_folder(self, folder):
+        if ".tmp-step-2-" in Path(folder).name:
+            seen["folder"] = folder
+        return save(self, folder)
+
+    zero2 = ["rl.lora.enabled=false", "rl.backend=deepspeed", "rl.deepspeed.zero_stage=2"]
+
+    def recipe(out: Path) -> Recipe:
+        r = load_recipe("demo", [*RUN, *zero2, "rl.trainers=2", "run.save_every=1", f"run.output_dir={out}"], Recipe)
+        r.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
+        return r
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole_dir = train(recipe(tmp_path / "whole"), "demo")
+        monkeypatch.setattr(TrainerGroup, "_gather", kill_mid_save)
+        monkeypatch.setattr(TrainerGroup, "save", note_folder)
+        recovered_dir = train(recipe(tmp_path / "recovered"), "demo")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen.get("killed") and seen["written_before_kill"], seen  # the kill landed inside the save
+    printed = capsys.readouterr()
+    assert "died during the checkpoint save" in printed.out + printed.err
+    assert (printed.out + printed.err).count("restarting the trainers from") == 1
+    assert not list((tmp_path / "recovered" / "checkpoints").glob(".tmp-*"))  # the half-written folder is gone
+    whole = [r for r in read_metrics(whole_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+    rows = [r for r in read_metrics(recovered_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+    assert [r["step"] for r in rows] == [r["step"] for r in whole] == [1, 2, 3]
+    for a, b in zip(whole, rows):
+        for key in SAME:
+            assert b[key] == a[key], key
+    final = load_checkpoint(whole_dir / "checkpoints" / "step-3").model.state_dict()
+    again = load_checkpoint(recovered_dir / "checkpoints" / "step-3").model.state_dict()
+    assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
