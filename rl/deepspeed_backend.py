@@ -19,11 +19,12 @@
   method that reaches its weights through submodule calls; code that reads a weight
   tensor directly (the audio encoder's position table) must run in `full_parameters()`.
 
-Beyond DeepSpeed's public calls this leans on four of its internals, each named where it
+Beyond DeepSpeed's public calls this leans on five of its internals, each named where it
 is used: the optimiser's `clear_backward_seen_flag` and the engine's `_backward_prologue`
 (what `engine.forward` runs), `deepspeed.runtime.zero.stage3.unwrap_model_for_generation`
-(ZeRO-3 gathering for generation) and `deepspeed.ops.__compatible_ops__` (to skip an op
-build one process does not need). tests/test_deepspeed.py fails if the first or the third
+(ZeRO-3 gathering for generation), `deepspeed.ops.__compatible_ops__` (to skip an op
+build one process does not need) and the engine's `_config.load_universal_checkpoint`
+(to load a checkpoint written by another number of ranks). tests/test_deepspeed.py fails if the first or the third
 stops doing its job.
 
 On a machine without GPUs DeepSpeed selects its CPU accelerator; the backend then runs
@@ -132,6 +133,39 @@ def deepspeed_config(zero_stage: int, grad_clip: float, config: Mapping[str, Any
     return _merge(base, config)
 
 
+def saved_ranks(checkpoint: Path) -> int:
+    """How many data-parallel ranks wrote DeepSpeed checkpoint `checkpoint` (one optimiser partition each)."""
+    return len(list(Path(checkpoint).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+UNIVERSAL_TAG = "universal"
+
+
+def universal_checkpoint(root: Path, saved: int) -> str:
+    """The tag of `root`'s checkpoint converted to DeepSpeed's universal layout, converting it
+    on rank 0 the first time (the other ranks wait at a barrier); the conversion is written to a
+    temporary folder and renamed, so a kill mid-way leaves the checkpoint as it was."""
+    import shutil
+    import sys
+    from argparse import Namespace
+
+    target = Path(root) / UNIVERSAL_TAG
+    if torch.distributed.get_rank() == 0 and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = Path(root) / f".tmp-{UNIVERSAL_TAG}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"converting the DeepSpeed checkpoint of {saved} ranks in {Path(root) / CHECKPOINT_TAG} to a universal "
+              f"checkpoint for {torch.distributed.get_world_size()}", file=sys.stderr)
+        args = Namespace(input_folder=str(Path(root) / CHECKPOINT_TAG), output_folder=str(tmp), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(sys.stderr):  # its progress report, off the run's console output
+            ds_to_universal.main(args)
+        os.replace(tmp, target)
+    torch.distributed.barrier()
+    return UNIVERSAL_TAG
+
+
 def _offloads_optimizer(config: dict[str, Any]) -> bool:
     offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in ("none", None)
@@ -218,13 +252,26 @@ class DeepSpeedBackend:
 
         Every rank must call it, with the same folder. It may run inside `full_parameters()`.
         """
-        self.engine.save_checkpoint(str(Path(folder) / CHECKPOINT_SUBFOLDER), tag=CHECKPOINT_TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        # what DeepSpeed's universal-checkpoint converter asks of a checkpoint (see `load`)
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(Path(folder) / CHECKPOINT_SUBFOLDER), tag=CHECKPOINT_TAG, save_latest=False,
+                                    client_state=info)
 
     def load(self, folder: Path) -> None:
         """Restore the optimiser state from `save`'s files; the weights become those DeepSpeed
         saved (the same as the caller's saved weights, written at the same moment).
 
         Call it on a fresh backend, before any step: ZeRO-3 loads into a pristine engine only.
+
+        A checkpoint written by another number of ranks (`rl.trainers` changed on resume) holds
+        one optimiser partition per rank that wrote it. It is converted once, by rank 0, into
+        DeepSpeed's universal checkpoint (one file per parameter and state, whatever the
+        partitioning; `deepspeed.checkpoint.ds_to_universal`), written beside it as
+        `deepspeed/universal`, and every rank loads its own partition from that.
         """
         root = Path(folder) / CHECKPOINT_SUBFOLDER
         if not (root / CHECKPOINT_TAG).is_dir():
@@ -232,10 +279,17 @@ class DeepSpeedBackend:
                 f"{root / CHECKPOINT_TAG} is missing: the checkpoint has no DeepSpeed state to resume from "
                 "(was it written with rl.backend=deepspeed?)"
             )
-        path, _ = self.engine.load_checkpoint(str(root), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        saved, world = saved_ranks(root / CHECKPOINT_TAG), torch.distributed.get_world_size()
+        tag = CHECKPOINT_TAG if saved == world else universal_checkpoint(root, saved)
+        # the engine reads its `checkpoint.load_universal` setting when it loads: on for this load only
+        self.engine._config.load_universal_checkpoint = tag != CHECKPOINT_TAG
+        try:
+            path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {root / CHECKPOINT_TAG}")
+            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {root / tag}")
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[None]:

@@ -248,8 +248,8 @@ class TrainerGroup:
         self._gather([rank.save.remote(str(folder)) for rank in ranks], "checkpoint save")
 
     def load(self, folder: Path) -> None:
-        """Every rank loads the saved optimiser state (under the torch backend, whatever the number of
-        ranks that saved it; under DeepSpeed, the same number) and the critic's weights; the driver
+        """Every rank loads the saved optimiser state (whatever the number of ranks that saved it:
+        under DeepSpeed through its universal checkpoint) and the critic's weights; the driver
         takes rank 0's weights."""
         self._gather([rank.load.remote(str(folder)) for rank in self.ranks], "checkpoint load")
         self._take_weights()

@@ -152,6 +152,40 @@ def test_a_run_of_two_trainers_resumes_with_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage, tolerance", [(2, 1e-6), (3, 1e-5)])
+def test_a_deepspeed_run_of_two_trainers_resumes_with_one(tmp_path: Path, stage: int, tolerance: float) -> None:
+    """DeepSpeed writes one optimiser partition per rank; resuming with another number of ranks
+    converts the checkpoint to DeepSpeed's universal layout first. The resumed step's loss is the
+    uninterrupted run's (ZeRO-3: within 1e-5, since two ranks run the one-pass forward, see
+    TrainerRank, and one process the two-pass forward, whose rounding Adam's state carries on)."""
+    import shutil
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "run"
+        steps = [*RUN, "rl.lora.enabled=false", "rl.backend=deepspeed", f"rl.deepspeed.zero_stage={stage}",
+                 "run.save_every=1", "run.keep_last=3", f"run.output_dir={out}"]
+        whole = load_recipe("demo", [*steps, "rl.trainers=2"], Recipe)
+        whole.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
+        uninterrupted = [r for r in read_metrics(train(whole, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
+        final = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
+        shutil.rmtree(out / "checkpoints" / "step-3")  # as if the run had stopped after step 2
+        resumed_recipe = load_recipe("demo", [*steps, "rl.trainers=1", "rl.grad_accum=2", "run.resume=true"], Recipe)
+        resumed_recipe.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
+        resumed = [r for r in read_metrics(train(resumed_recipe, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
+        again = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "checkpoints" / "step-2" / "deepspeed" / "universal").is_dir()  # converted, beside the original
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "kl", "approx_kl"):
+        assert resumed[-1][key] == pytest.approx(uninterrupted[-1][key], rel=tolerance, abs=tolerance), key
+    assert uninterrupted[-1]["grad_norm"] > 0
+    assert max(float((final[k] - again[k]).abs().max()) for k in final) <= tolerance
+
+
+@pytest.mark.slow
 def test_one_trainer_on_each_node_of_a_two_node_cluster(tmp_path: Path) -> None:
     """Two Ray nodes of one CPU each hold one rank each; the run equals the one-process run."""
     import ray
