@@ -286,20 +286,28 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
     """The trainer, its prompt cursor, the first step to run and the RL rows logged before it."""
     recipe, cfg, ro = run.recipe, run.recipe.rl, run.recipe.rollouts
     critic = _rl_policy(run, lora)
-    worker = build_rollouts(run.policy, recipe)
+    updater = None
+    if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
+        from .trainer_group import TrainerGroup
+
+        options = {"render_speech": ro.render_speech, "tools": ro.tools, "max_turns": ro.max_turns,
+                   "tool_options": ro.tool_options}
+        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed,
+                               address=recipe.ray.address, critic=critic, rollouts=options)
+        run.stack.callback(updater.close)
+        run.say(f"trainers: {cfg.trainers} data-parallel ranks (Ray actors), gradients summed across them"
+                + ("" if ro.num_workers else "; each generates its share of the rollouts (colocated)"))
+    if updater is not None and ro.num_workers == 0:
+        from .colocated import RankRollouts
+
+        worker: RolloutSource = RankRollouts(updater)
+    else:
+        worker = build_rollouts(run.policy, recipe)
     run.stack.callback(worker.close)
     if ro.num_workers > 0:
         run.say(f"rollouts: {ro.num_workers} Ray workers" + (f", tools {', '.join(ro.tools)}" if ro.tools else ""))
     elif ro.tools:
         run.say(f"rollouts: tools {', '.join(ro.tools)}, up to {ro.max_turns} calls per response")
-    updater = None
-    if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
-        from .trainer_group import TrainerGroup
-
-        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed,
-                               address=recipe.ray.address, critic=critic)
-        run.stack.callback(updater.close)
-        run.say(f"trainers: {cfg.trainers} data-parallel ranks (Ray actors), gradients summed across them")
     trainer = RLTrainer(run.policy, worker, recipe.rewards, cfg, recipe.loss, recipe.kl, recipe.run.seed,
                         run.reward_workers, critic, async_generation=ro.async_generation, updater=updater)
     cursor = PromptCursor(run.rl_prompts, recipe.run.seed)

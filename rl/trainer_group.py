@@ -8,8 +8,10 @@ rank takes its contiguous share of every minibatch (`PolicyUpdate`), divides its
 the whole minibatch's count, and sums its gradients with the other ranks'
 (`AllReduceBackend`): every rank then takes the same optimiser step, the one a single
 process would take on the whole minibatch. Rank 0's new trainable state comes back to the
-driver's policy, which generates (in-process) or syncs to the rollout workers; every
-rank's checksum is compared with it.
+driver's policy (which computes the reference pass, evaluates and is checkpointed) and
+is synced to the rollout workers if there are any; every rank's checksum is compared with
+it. Without rollout workers the ranks generate the rollouts themselves, each its share of
+the prompts (`generate_shard`, driven by `RankRollouts` in rl/colocated.py).
 
 What runs here: the torch backend (LoRA adapters or full weights) and DeepSpeed ZeRO 1,
 2 and 3 (each rank one part of an engine over the N ranks), the GRPO family and PPO,
@@ -23,12 +25,15 @@ import contextlib
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vocalign.common.ray_cluster import ensure_ray, free_port
-from vocalign.model.policy import Policy
+from vocalign.data.types import Prompt, Rollout
+from vocalign.model.policy import Policy, Sampling
 from vocalign.rollouts.sync import restore_policy, snapshot_policy, state_checksum
+from vocalign.rollouts.worker import RolloutWorker
 
 from .backends import TorchBackend
 from .deepspeed_backend import DeepSpeedBackend
@@ -71,10 +76,13 @@ class TrainerRank:
     """One data-parallel rank: a replica of the policy, its optimiser and its share of each update."""
 
     def __init__(self, snapshot: bytes, rank: int, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig,
-                 seed: int, torch_threads: int = 1, critic: bytes | None = None) -> None:
+                 seed: int, torch_threads: int = 1, critic: bytes | None = None,
+                 rollouts: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(torch_threads)
         self.rank, self.world = rank, world
         self.policy = restore_policy(snapshot)
+        # colocated generation (rl/colocated.py): a rollout worker on this rank's own replica
+        self.rollouts = RolloutWorker(self.policy, **(rollouts or {}))
         self.critic = torch.load(io.BytesIO(critic), map_location=self.policy.device, weights_only=False) if critic else None
         self.config, self.loss, self.kl, self.seed = config, loss, kl, seed
         if config.backend == "deepspeed" and config.deepspeed.zero_stage == 3:
@@ -128,6 +136,21 @@ class TrainerRank:
         return lr, steps, {"bytes": float(len(steps) * sum(b.gradient_bytes for b in backends)),
                            "seconds": sum(b.reduce_seconds for b in timed)}
 
+    def generate_shard(self, prompts: list[Prompt], n: int, sampling: Sampling, seed: int, version: int) -> list[Rollout]:
+        """This rank's share of a step's rollouts, stamped `version`, their prompts left out (the
+        driver puts them back). Under ZeRO-3 the weights are gathered once for it, collectively."""
+        self.rollouts.version = version
+        with self.update.full_parameters():
+            rollouts = self.rollouts.generate(prompts, n, sampling, seed) if prompts else []
+        for r in rollouts:
+            r.prompt = None  # type: ignore[assignment]
+        return rollouts
+
+    def policy_checksum(self) -> str:
+        """`state_checksum` of the policy's trainable state (collective under ZeRO-3)."""
+        with self.update.full_parameters():
+            return state_checksum({k: v.detach().cpu() for k, v in self.policy.trainable_state().items()})
+
     def node(self) -> str:
         """The Ray node this rank runs on."""
         import ray
@@ -161,12 +184,14 @@ class TrainerGroup:
 
     `policy` is the driver's policy, at the weights training starts from, its LoRA adapters
     attached and its encoder frozen; each rank starts from a snapshot of it, and after each
-    update the driver's policy takes rank 0's trainable state.
+    update the driver's policy takes rank 0's trainable state. `rollouts` holds the options
+    of each rank's `RolloutWorker` (render_speech, tools, max_turns, tool_options) for
+    colocated generation (`RankRollouts`, rl/colocated.py).
     """
 
     def __init__(self, policy: Policy, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig, seed: int,
                  cpus_per_trainer: float = 1.0, torch_threads: int = 1, address: str | None = None,
-                 critic: ValueModel | None = None) -> None:
+                 critic: ValueModel | None = None, rollouts: dict[str, Any] | None = None) -> None:
         import ray
 
         if world < 1:
@@ -187,7 +212,7 @@ class TrainerGroup:
         snapshot = ray.put(snapshot_policy(policy))
         critic_snapshot = ray.put(_snapshot(critic)) if critic is not None else None
         remote = ray.remote(TrainerRank).options(num_cpus=cpus_per_trainer, max_restarts=0)
-        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads, critic_snapshot)
+        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads, critic_snapshot, rollouts)
                       for r in range(world)]
         try:
             host, port = ray.get(self.ranks[0].address.remote())
@@ -201,7 +226,7 @@ class TrainerGroup:
         import ray
 
         shared = ray.put(_for_ranks(batch))
-        results = self._gather([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks], f"update at step {step + 1}")
+        results = self.gather([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks], f"update at step {step + 1}")
         stats = combine_ranks([steps for _, steps, _ in results])
         self.last_comm = {"bytes": sum(c["bytes"] for _, _, c in results) / self.world,
                           "seconds": max(c["seconds"] for _, _, c in results)}
@@ -209,7 +234,7 @@ class TrainerGroup:
         self._take_weights()
         return results[0][0], stats
 
-    def _gather(self, refs: list, what: str) -> list:
+    def gather(self, refs: list, what: str) -> list:
         """The ranks' results, or a `TrainerGroupError` naming the rank that died or raised."""
         import ray
 
@@ -227,7 +252,7 @@ class TrainerGroup:
 
     def _take_weights(self) -> None:
         """Rank 0's trainable state into the driver's policy (and critic); every rank must hold the same."""
-        held = self._gather([rank.weights.remote(r == 0) for r, rank in enumerate(self.ranks)], "weight check")
+        held = self.gather([rank.weights.remote(r == 0) for r, rank in enumerate(self.ranks)], "weight check")
         _, state, critic = held[0]
         device = self.policy.device
         self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
@@ -245,13 +270,13 @@ class TrainerGroup:
         """The optimiser state: the same on every rank under the torch backend (rank 0 writes it);
         under DeepSpeed every rank writes its partition (into one folder)."""
         ranks = self.ranks if self.collective_save else self.ranks[:1]
-        self._gather([rank.save.remote(str(folder)) for rank in ranks], "checkpoint save")
+        self.gather([rank.save.remote(str(folder)) for rank in ranks], "checkpoint save")
 
     def load(self, folder: Path) -> None:
         """Every rank loads the saved optimiser state (whatever the number of ranks that saved it:
         under DeepSpeed through its universal checkpoint) and the critic's weights; the driver
         takes rank 0's weights."""
-        self._gather([rank.load.remote(str(folder)) for rank in self.ranks], "checkpoint load")
+        self.gather([rank.load.remote(str(folder)) for rank in self.ranks], "checkpoint load")
         self._take_weights()
 
     def nodes(self) -> list[str]:

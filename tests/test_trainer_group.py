@@ -54,7 +54,8 @@ def _run(tmp_path: Path, trainers: int, *more: str) -> tuple[list[dict], dict[st
 @pytest.mark.parametrize("weights", ["lora", "full", "ppo", "zero1", "zero2", "zero3"])
 def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights: str) -> None:
     """GRPO under LoRA and with full weights, PPO with its critic (LoRA policy and critic), and
-    full weights through DeepSpeed ZeRO-1, 2 and 3 (each rank an engine of a 2-rank group)."""
+    full weights through DeepSpeed ZeRO-1, 2 and 3 (each rank an engine of a 2-rank group); the
+    ranks generate the rollouts too (colocated)."""
     deepspeed = ["rl.lora.enabled=false", "rl.backend=deepspeed"]
     more = {"lora": [], "full": ["rl.lora.enabled=false"], "ppo": ["rl.algorithm=ppo"],
             "zero1": [*deepspeed, "rl.deepspeed.zero_stage=1"], "zero2": [*deepspeed, "rl.deepspeed.zero_stage=2"],
@@ -75,10 +76,13 @@ def test_two_trainers_take_the_update_one_process_takes(tmp_path: Path, weights:
         if weights == "ppo":
             assert a["critic/value_loss"] > 0 and b["critic/value_loss"] == pytest.approx(a["critic/value_loss"], rel=TOLERANCE)
     assert w1.keys() == w2.keys()
-    # DeepSpeed averages the ranks' gradients in its own bucket order (the loss is scaled by the
-    # number of ranks first): the last bits of a few weights differ; ZeRO-3's ranks also run the
-    # one-pass forward where one process shares a group's prompt (see TrainerRank)
-    exact = {"zero1": 2e-7, "zero2": 2e-7, "zero3": 1e-6}.get(weights, 0.0)
+    # The two ranks generate the rollouts, each its prompt (rl/colocated.py): the same tokens, but
+    # their log-probabilities come from batches of another shape than one process's, which moves
+    # last bits (measured: 4e-8 LoRA, 1.4e-7 full, 7e-9 PPO). DeepSpeed also averages the ranks'
+    # gradients in its own bucket order (the loss is scaled by the number of ranks first; 1.1e-7
+    # measured), and ZeRO-3's ranks run the one-pass forward where one process shares a group's
+    # prompt (see TrainerRank; 3.6e-7 measured)
+    exact = 1e-6 if weights == "zero3" else 2e-7
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= exact
 
 
@@ -148,7 +152,9 @@ def test_a_run_of_two_trainers_resumes_with_one(tmp_path: Path) -> None:
     for key in SAME:
         assert resumed[-1][key] == pytest.approx(uninterrupted[-1][key], rel=TOLERANCE, abs=TOLERANCE), key
     assert "trainers/allreduce_bytes" in uninterrupted[-1] and "trainers/allreduce_bytes" not in resumed[-1]
-    assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
+    # the two ranks generated step 3's rollouts in shards, one process in one batch (see
+    # test_two_trainers_take_the_update_one_process_takes; 1.5e-8 measured)
+    assert max(float((final[k] - again[k]).abs().max()) for k in final) <= 2e-7
 
 
 @pytest.mark.slow
@@ -187,7 +193,7 @@ def test_a_deepspeed_run_of_two_trainers_resumes_with_one(tmp_path: Path, stage:
 
 @pytest.mark.slow
 def test_one_trainer_on_each_node_of_a_two_node_cluster(tmp_path: Path) -> None:
-    """Two Ray nodes of one CPU each hold one rank each; the run equals the one-process run."""
+    """Two Ray nodes of one CPU each hold one rank each; the run is the one-process run's."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -216,7 +222,9 @@ def test_one_trainer_on_each_node_of_a_two_node_cluster(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
         ray.shutdown()
         cluster.shutdown()
-    assert max(float((local[k] - spread[k]).abs().max()) for k in local) == 0.0
+    # within the two-rank tolerance of test_two_trainers_take_the_update_one_process_takes: the
+    # ranks generate in shards (4e-8 measured, as on one node)
+    assert max(float((local[k] - spread[k]).abs().max()) for k in local) <= 2e-7
 
 
 _KILL_AT: list[int] = []  # the reward call at which `kill_a_rank` kills trainer rank 1 (empty: never)
@@ -325,7 +333,7 @@ def test_a_trainer_killed_while_writing_a_checkpoint_is_recovered(
 
     from vocalign.rl.trainer_group import TrainerGroup
 
-    gather = TrainerGroup._gather
+    gather = TrainerGroup.gather
     seen: dict[str, object] = {}
 
     def kill_mid_save(self, refs, what):
@@ -358,7 +366,7 @@ def test_a_trainer_killed_while_writing_a_checkpoint_is_recovered(
     torch.set_num_threads(1)
     try:
         whole_dir = train(recipe(tmp_path / "whole"), "demo")
-        monkeypatch.setattr(TrainerGroup, "_gather", kill_mid_save)
+        monkeypatch.setattr(TrainerGroup, "gather", kill_mid_save)
         monkeypatch.setattr(TrainerGroup, "save", note_folder)
         recovered_dir = train(recipe(tmp_path / "recovered"), "demo")
     finally:
@@ -377,3 +385,53 @@ def test_a_trainer_killed_while_writing_a_checkpoint_is_recovered(
     final = load_checkpoint(whole_dir / "checkpoints" / "step-3").model.state_dict()
     again = load_checkpoint(recovered_dir / "checkpoints" / "step-3").model.state_dict()
     assert max(float((final[k] - again[k]).abs().max()) for k in final) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "zero3"])
+def test_the_ranks_generate_the_rollouts_one_process_generates(backend: str) -> None:
+    """Colocated generation: each rank generates its contiguous share of the prompts with its
+    replica (three prompts: shares of two and one; one prompt: rank 1 has none, and under
+    ZeRO-3 still takes part in the weight gather). The tokens are those of one process; the
+    log-probabilities agree within 1e-6 (batches of another shape)."""
+    from vocalign.data.tasks import make_task
+    from vocalign.model.policy import Sampling
+    from vocalign.rl.colocated import RankRollouts
+    from vocalign.rl.config import DeepSpeedConfig, KLConfig, LossConfig, RLConfig
+    from vocalign.rl.trainer_group import TrainerGroup
+    from vocalign.rollouts.sync import WeightSyncError, state_checksum
+    from vocalign.rollouts.worker import RolloutWorker
+
+    ensure_ray(num_cpus=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    policy = embedded_policy(0)
+    if backend == "torch":
+        policy.enable_lora(r=4, alpha=8, dropout=0.0)
+        config = RLConfig(prompts_per_step=2, group_size=4)
+    else:
+        config = RLConfig(prompts_per_step=2, group_size=4, backend="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=3))
+    policy.freeze_encoder()
+    prompts, sampling = make_task("arithmetic", 3, seed=7), Sampling(temperature=1.0, max_new_tokens=10)
+    group = TrainerGroup(policy, 2, config, LossConfig(), KLConfig(), seed=0, rollouts={"render_speech": True})
+    try:
+        source = RankRollouts(group)
+        pending = source.generate_async(prompts, 2, sampling, seed=11)
+        assert pending.starts == [0, 2]  # rank 0 the first two prompts, rank 1 the third
+        shared = source.collect(pending)
+        alone = source.generate(prompts[:1], 2, sampling, seed=11)  # rank 1's share is empty
+        source.sync({}, 4)
+        source.verify(4, state_checksum(policy.trainable_state()))
+        with pytest.raises(WeightSyncError, match="do not generate with the driver's weights"):
+            source.verify(4, "not-the-checksum")
+        stamped = source.generate(prompts[:1], 1, sampling, seed=11)
+    finally:
+        group.close()
+        torch.set_num_threads(threads)
+    local = RolloutWorker(policy).generate(prompts, 2, sampling, seed=11)
+    assert [r.response_ids for r in shared] == [r.response_ids for r in local]
+    assert [r.prompt.id for r in shared] == [r.prompt.id for r in local] and [r.group for r in shared] == [0, 0, 1, 1, 2, 2]
+    assert [r.response_ids for r in alone] == [r.response_ids for r in local[:2]]
+    for a, b in zip(shared, local):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+        assert (a.waveform is None) == (b.waveform is None)
+    assert [r.weight_version for r in shared] == [0] * 6 and stamped[0].weight_version == 4
