@@ -13,16 +13,31 @@ class UsageError(ValueError):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import spmd
     from .config import Recipe, RecipeCheckError
     from .recipe import load_recipe, resolve_recipe_path
     from .runner import train
 
     path = resolve_recipe_path(args.recipe)
     recipe = load_recipe(path, args.overrides, Recipe)
+    launch = spmd.launched()  # one of several processes of torchrun or the deepspeed launcher
+    if launch is not None:
+        rank, world = launch
+        if recipe.rl.trainers not in (1, world):
+            raise UsageError(f"{path}: rl.trainers={recipe.rl.trainers} but the launcher started {world} processes: "
+                             f"leave rl.trainers at 1 (the launcher's count is used) or set it to {world}")
+        recipe.rl.trainers = world
+        link = spmd.start()
+        if rank > 0:
+            link.follow()  # serve rank 0, which runs the run and writes everything
+            return 0
     try:
         train(recipe, path.stem, force=args.force)  # checks the recipe before anything runs
     except RecipeCheckError as e:
         raise UsageError(f"{path}: {e}") from None
+    finally:
+        if launch is not None:
+            spmd.link().stop()  # the other ranks return
     return 0
 
 

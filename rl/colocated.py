@@ -47,8 +47,7 @@ class RankRollouts:
         """Every rank starts generating its shard (an empty one too: ZeRO-3's gather is collective)."""
         bounds = shard_bounds(len(prompts), self.group.world)
         bounds += [(len(prompts), len(prompts))] * (self.group.world - len(bounds))
-        calls = [rank.generate_shard.remote(prompts[a:b], n, sampling, seed, self.version)
-                 for rank, (a, b) in zip(self.group.ranks, bounds)]
+        calls = self.group.submit("generate_shard", [(prompts[a:b], n, sampling, seed, self.version) for a, b in bounds])
         return PendingRollouts(prompts, n, self.version, [a for a, _ in bounds], calls)
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
@@ -67,7 +66,7 @@ class RankRollouts:
 
     def verify(self, version: int, checksum: str) -> None:
         """Raise `WeightSyncError` unless every rank's policy holds the state with `checksum`."""
-        held = self.group.gather([rank.policy_checksum.remote() for rank in self.group.ranks], "weight check")
+        held = self.group.on_ranks("policy_checksum", what="weight check")
         wrong = [f"rank {r} holds checksum {c}" for r, c in enumerate(held) if c != checksum]
         if version != self.version or wrong:
             raise WeightSyncError(

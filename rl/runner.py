@@ -45,7 +45,8 @@ from .sft import SFTTrainer
 from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, style_table
 from .tracking import RunTracker, read_metrics
 from .trainer import PromptCursor, RLTrainer
-from .trainer_group import TrainerGroupError
+from . import spmd
+from .trainer_group import TrainerGroup, TrainerGroupError
 
 
 def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
@@ -140,7 +141,7 @@ def train(recipe: Recipe, recipe_name: str, force: bool = False) -> Path:
             return _run(recipe, run_dir, resume_from, state)
         except TrainerGroupError as error:
             latest = intact_checkpoint(run_dir)
-            if restarts >= recipe.rl.trainer_restarts or latest is None:
+            if restarts >= recipe.rl.trainer_restarts or latest is None or spmd.link() is not None:
                 _failed(run_dir, existed, resume_from, error)
                 raise
             restarts += 1  # as run.resume=true would: from the last checkpoint, later steps logged again
@@ -159,7 +160,7 @@ def _failed(run_dir: Path, existed: bool, resume_from: Path | None, error: BaseE
 
 def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -> Path:
     started = time.perf_counter()
-    if recipe.rollouts.num_workers > 0 or recipe.rl.trainers > 1 or recipe.ray.address:
+    if recipe.rollouts.num_workers > 0 or (recipe.rl.trainers > 1 and spmd.link() is None) or recipe.ray.address:
         ensure_ray(address=recipe.ray.address)  # first, so reward workers join the same Ray
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
     with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
@@ -282,21 +283,29 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     return critic
 
 
+def _trainer_group(run: Run, critic: ValueModel | None) -> TrainerGroup:
+    """`rl.trainers` ranks: the processes of an SPMD launch (rl/spmd.py), else Ray actors."""
+    recipe, cfg, ro = run.recipe, run.recipe.rl, run.recipe.rollouts
+    options = {"render_speech": ro.render_speech, "tools": ro.tools, "max_turns": ro.max_turns, "tool_options": ro.tool_options}
+    args = (run.policy, cfg, recipe.loss, recipe.kl, recipe.run.seed)
+    link = spmd.link()
+    if link is not None:
+        return spmd.SpmdGroup(link, *args, torch_threads=torch.get_num_threads(), critic=critic, rollouts=options)
+    gpus = 1.0 if run.policy.device.type == "cuda" else 0.0  # one GPU per rank when the policy trains on GPUs
+    return TrainerGroup(run.policy, cfg.trainers, *args[1:], address=recipe.ray.address, critic=critic, rollouts=options,
+                        gpus_per_trainer=gpus)
+
+
 def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, int, list[dict]]:
     """The trainer, its prompt cursor, the first step to run and the RL rows logged before it."""
     recipe, cfg, ro = run.recipe, run.recipe.rl, run.recipe.rollouts
     critic = _rl_policy(run, lora)
     updater = None
     if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
-        from .trainer_group import TrainerGroup
-
-        options = {"render_speech": ro.render_speech, "tools": ro.tools, "max_turns": ro.max_turns,
-                   "tool_options": ro.tool_options}
-        updater = TrainerGroup(run.policy, cfg.trainers, cfg, recipe.loss, recipe.kl, recipe.run.seed,
-                               address=recipe.ray.address, critic=critic, rollouts=options)
+        updater = _trainer_group(run, critic)
         run.stack.callback(updater.close)
-        run.say(f"trainers: {cfg.trainers} data-parallel ranks (Ray actors), gradients summed across them"
-                + ("" if ro.num_workers else "; each generates its share of the rollouts (colocated)"))
+        run.say(f"trainers: {cfg.trainers} data-parallel ranks ({'launcher processes' if spmd.link() else 'Ray actors'}), "
+                "gradients summed across them" + ("" if ro.num_workers else "; each generates its share of the rollouts"))
     if updater is not None and ro.num_workers == 0:
         from .colocated import RankRollouts
 

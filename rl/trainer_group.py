@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,10 @@ class TrainerRank:
 
     def __init__(self, snapshot: bytes, rank: int, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig,
                  seed: int, torch_threads: int = 1, critic: bytes | None = None,
-                 rollouts: dict[str, Any] | None = None) -> None:
+                 rollouts: dict[str, Any] | None = None, device: str = "cpu") -> None:
         torch.set_num_threads(torch_threads)
         self.rank, self.world = rank, world
-        self.policy = restore_policy(snapshot)
+        self.policy = restore_policy(snapshot, device)
         # colocated generation (rl/colocated.py): a rollout worker on this rank's own replica
         self.rollouts = RolloutWorker(self.policy, **(rollouts or {}))
         self.critic = torch.load(io.BytesIO(critic), map_location=self.policy.device, weights_only=False) if critic else None
@@ -99,17 +100,17 @@ class TrainerRank:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def join(self, host: str, port: int) -> None:
-        """Join the process group (returns once every rank has joined), then build the optimiser."""
-        import os
-
+    def join(self, host: str | None = None, port: int | None = None) -> None:
+        """Join the process group at `host`:`port` (returns once every rank has joined), then build
+        the optimiser. Without an address the process group exists already (an SPMD launch)."""
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # DeepSpeed reads the rendezvous from the environment and reuses the group made here
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0", MASTER_ADDR=host,
-                          MASTER_PORT=str(port))
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
+        if host is not None:
+            backend = "nccl" if self.policy.device.type == "cuda" else "gloo"
+            # DeepSpeed reads the rendezvous from the environment and reuses the group made here
+            os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0", MASTER_ADDR=host,
+                              MASTER_PORT=str(port))
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
         self.backend = self._backend(self.policy.model, self.config.lr)
         critic_backend = self._backend(self.critic, self.config.critic.lr) if self.critic is not None else None
         self.update = PolicyUpdate(self.policy, self.backend, self.config, self.loss, self.kl, self.seed,
@@ -152,10 +153,12 @@ class TrainerRank:
             return state_checksum({k: v.detach().cpu() for k, v in self.policy.trainable_state().items()})
 
     def node(self) -> str:
-        """The Ray node this rank runs on."""
+        """The Ray node this rank runs on (the host name outside Ray)."""
+        import socket
+
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
 
     def weights(self, send: bool) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
         """(checksum of the policy's and the critic's trainable state, and, with `send`, the two
@@ -191,29 +194,21 @@ class TrainerGroup:
 
     def __init__(self, policy: Policy, world: int, config: RLConfig, loss: LossConfig, kl: KLConfig, seed: int,
                  cpus_per_trainer: float = 1.0, torch_threads: int = 1, address: str | None = None,
-                 critic: ValueModel | None = None, rollouts: dict[str, Any] | None = None) -> None:
+                 critic: ValueModel | None = None, rollouts: dict[str, Any] | None = None,
+                 gpus_per_trainer: float = 0.0) -> None:
         import ray
 
         if world < 1:
             raise ValueError(f"rl.trainers={world} must be at least 1")
-        import os
-
         ensure_ray(address=address)
-        free = ray.available_resources().get("CPU", 0.0)
-        if address is None and not os.environ.get("RAY_ADDRESS") and world * cpus_per_trainer > free + 1e-9:
-            raise ValueError(
-                f"rl.trainers={world} trainer processes need {world * cpus_per_trainer:g} CPUs, but the local Ray has "
-                f"{free:g} free (rollout workers take theirs first): lower rl.trainers or rollouts.num_workers, or join "
-                f"a cluster (ray.address)"
-            )
-        self.policy, self.critic, self.world = policy, critic, world
-        self.collective_save = config.backend == "deepspeed"
-        self.last_comm: dict[str, float] = {}
+        _check_free(world, cpus_per_trainer, gpus_per_trainer, local=address is None and not os.environ.get("RAY_ADDRESS"))
+        self._setup(policy, world, config, critic)
         snapshot = ray.put(snapshot_policy(policy))
         critic_snapshot = ray.put(_snapshot(critic)) if critic is not None else None
-        remote = ray.remote(TrainerRank).options(num_cpus=cpus_per_trainer, max_restarts=0)
-        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads, critic_snapshot, rollouts)
-                      for r in range(world)]
+        remote = ray.remote(TrainerRank).options(num_cpus=cpus_per_trainer, num_gpus=gpus_per_trainer, max_restarts=0)
+        device = "cuda" if gpus_per_trainer > 0 else "cpu"  # Ray shows each rank its own GPU(s)
+        self.ranks = [remote.remote(snapshot, r, world, config, loss, kl, seed, torch_threads, critic_snapshot, rollouts,
+                                    device) for r in range(world)]
         try:
             host, port = ray.get(self.ranks[0].address.remote())
             ray.get([rank.join.remote(host, port) for rank in self.ranks])
@@ -221,27 +216,24 @@ class TrainerGroup:
             self.close()
             raise
 
-    def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, dict[str, float]]:
-        """Every rank's share of the update; then the driver's policy takes the new weights."""
-        import ray
+    def _setup(self, policy: Policy, world: int, config: RLConfig, critic: ValueModel | None) -> None:
+        self.policy, self.critic, self.world = policy, critic, world
+        self.collective_save = config.backend == "deepspeed"
+        self.last_comm: dict[str, float] = {}
 
-        shared = ray.put(_for_ranks(batch))
-        results = self.gather([rank.train_on.remote(shared, step, kl_coef) for rank in self.ranks], f"update at step {step + 1}")
-        stats = combine_ranks([steps for _, steps, _ in results])
-        self.last_comm = {"bytes": sum(c["bytes"] for _, _, c in results) / self.world,
-                          "seconds": max(c["seconds"] for _, _, c in results)}
-        stats["trainers/allreduce_bytes"], stats["trainers/allreduce_s"] = self.last_comm["bytes"], self.last_comm["seconds"]
-        self._take_weights()
-        return results[0][0], stats
+    # -- calls on the ranks (Ray actor calls here; rl/spmd.py overrides the two) -----------
+    def submit(self, method: str, args: list[tuple | None]) -> list:
+        """Start `method(*args[r])` on each rank r whose `args[r]` is not None; `gather` the results."""
+        return [getattr(rank, method).remote(*a) for rank, a in zip(self.ranks, args) if a is not None]
 
-    def gather(self, refs: list, what: str) -> list:
-        """The ranks' results, or a `TrainerGroupError` naming the rank that died or raised."""
+    def gather(self, calls: list, what: str) -> list:
+        """The results of `submit`'s calls, or a `TrainerGroupError` naming the rank that died or raised."""
         import ray
 
         try:
-            return ray.get(refs)
+            return ray.get(calls)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-            dead = [r for r, ref in enumerate(refs) if not _finished_well(ref)]
+            dead = [r for r, ref in enumerate(calls) if not _finished_well(ref)]
             raise TrainerGroupError(
                 f"trainer rank(s) {dead or '?'} died during the {what} ({type(error).__name__}); the group cannot go on "
                 f"without them. Continue the run from its last checkpoint with run.resume=true (any rl.trainers); look "
@@ -250,9 +242,30 @@ class TrainerGroup:
         except ray.exceptions.RayTaskError as error:
             raise TrainerGroupError(f"a trainer rank raised during the {what}: {error}") from error
 
+    def on_ranks(self, method: str, *args: Any, what: str) -> list:
+        """`method(*args)` on every rank, its results in rank order."""
+        return self.gather(self.submit(method, [args] * self.world), what)
+
+    def share(self, obj: Any) -> Any:
+        """`obj` as the ranks receive it: put in Ray's object store once, for every rank."""
+        import ray
+
+        return ray.put(obj)
+
+    # -- the Updater ---------------------------------------------------------------------
+    def train_on(self, batch: StepBatch, step: int, kl_coef: float) -> tuple[float, dict[str, float]]:
+        """Every rank's share of the update; then the driver's policy takes the new weights."""
+        results = self.on_ranks("train_on", self.share(_for_ranks(batch)), step, kl_coef, what=f"update at step {step + 1}")
+        stats = combine_ranks([steps for _, steps, _ in results])
+        self.last_comm = {"bytes": sum(c["bytes"] for _, _, c in results) / self.world,
+                          "seconds": max(c["seconds"] for _, _, c in results)}
+        stats["trainers/allreduce_bytes"], stats["trainers/allreduce_s"] = self.last_comm["bytes"], self.last_comm["seconds"]
+        self._take_weights()
+        return results[0][0], stats
+
     def _take_weights(self) -> None:
         """Rank 0's trainable state into the driver's policy (and critic); every rank must hold the same."""
-        held = self.gather([rank.weights.remote(r == 0) for r, rank in enumerate(self.ranks)], "weight check")
+        held = self.gather(self.submit("weights", [(r == 0,) for r in range(self.world)]), "weight check")
         _, state, critic = held[0]
         device = self.policy.device
         self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
@@ -269,27 +282,24 @@ class TrainerGroup:
     def save(self, folder: Path) -> None:
         """The optimiser state: the same on every rank under the torch backend (rank 0 writes it);
         under DeepSpeed every rank writes its partition (into one folder)."""
-        ranks = self.ranks if self.collective_save else self.ranks[:1]
-        self.gather([rank.save.remote(str(folder)) for rank in ranks], "checkpoint save")
+        every = self.collective_save
+        self.gather(self.submit("save", [(str(folder),) if every or r == 0 else None for r in range(self.world)]),
+                    "checkpoint save")
 
     def load(self, folder: Path) -> None:
         """Every rank loads the saved optimiser state (whatever the number of ranks that saved it:
         under DeepSpeed through its universal checkpoint) and the critic's weights; the driver
         takes rank 0's weights."""
-        self.gather([rank.load.remote(str(folder)) for rank in self.ranks], "checkpoint load")
+        self.on_ranks("load", str(folder), what="checkpoint load")
         self._take_weights()
 
     def nodes(self) -> list[str]:
-        """The Ray node of each rank."""
-        import ray
-
-        return ray.get([rank.node.remote() for rank in self.ranks])
+        """The node of each rank (Ray's node id; the host name in an SPMD launch)."""
+        return self.on_ranks("node", what="node query")
 
     def rows_seen(self, batch_size: int, step: int) -> list[list[list[int]]]:
         """Per rank, the batch rows it trains on at `step` in each optimiser step."""
-        import ray
-
-        return ray.get([rank.rows_seen.remote(batch_size, step) for rank in self.ranks])
+        return self.on_ranks("rows_seen", batch_size, step, what="row query")
 
     def close(self) -> None:
         import ray
@@ -297,6 +307,19 @@ class TrainerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+
+
+def _check_free(world: int, cpus: float, gpus: float, local: bool) -> None:
+    """Fail now, with the counts, when a local Ray cannot hold `world` ranks (a cluster may grow)."""
+    import ray
+
+    free = ray.available_resources()
+    for key, each, knob in (("CPU", cpus, "lower rl.trainers or rollouts.num_workers"), ("GPU", gpus, "lower rl.trainers")):
+        if local and each > 0 and world * each > free.get(key, 0.0) + 1e-9:
+            raise ValueError(
+                f"rl.trainers={world} trainer processes need {world * each:g} {key}s, but the local Ray has "
+                f"{free.get(key, 0.0):g} free (rollout workers take theirs first): {knob}, or join a cluster (ray.address)"
+            )
 
 
 def _snapshot(module: torch.nn.Module) -> bytes:
