@@ -273,6 +273,10 @@ def _cross_key_problems(recipe: Recipe) -> list[str]:
         problems.append("rl.backend=deepspeed trains full weights: set rl.lora.enabled=false (LoRA trains on rl.backend=torch)")
     if rl.deepspeed.zero_stage not in (1, 2, 3):
         problems.append(f"rl.deepspeed.zero_stage={rl.deepspeed.zero_stage}: use 1, 2 or 3")
+    if rl.backend == "deepspeed" and rl.deepspeed.zero_stage == 3 and rl.forward_engine == "fast":
+        problems.append("rl.forward_engine=fast reads the weights directly, and ZeRO-3 partitions them across ranks "
+                        "(its hooks gather them only inside transformers modules): use rl.forward_engine=auto or hf "
+                        "with rl.deepspeed.zero_stage=3, or ZeRO-1/2 for the fast forward")
     if not 0 <= recipe.loss.clip_low < 1 or recipe.loss.clip_high < 0:
         problems.append(f"loss.clip_low={recipe.loss.clip_low} must be in [0, 1) and loss.clip_high={recipe.loss.clip_high} >= 0")
     if recipe.kl.coef < 0:

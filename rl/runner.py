@@ -306,6 +306,9 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
         run.stack.callback(updater.close)
         run.say(f"trainers: {cfg.trainers} data-parallel ranks ({'launcher processes' if spmd.link() else 'Ray actors'}), "
                 "gradients summed across them" + ("" if ro.num_workers else "; each generates its share of the rollouts"))
+        if cfg.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3 and cfg.shared_prompt_forward:
+            run.say("trainers: under ZeRO-3 every rank runs the one-pass training forward (rl.shared_prompt_forward is "
+                    "off in the ranks: ZeRO-3's per-layer gathers must run alike on every rank)")
     if updater is not None and ro.num_workers == 0:
         from .colocated import RankRollouts
 

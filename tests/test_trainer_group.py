@@ -110,6 +110,8 @@ def test_each_rank_trains_on_its_own_half_of_every_minibatch() -> None:
     (["rl.trainers=2", "rl.backend=deepspeed"], "rl.backend=deepspeed trains full weights"),
     (["rl.trainers=2", "rl.prompts_per_step=1", "rl.group_size=4", "rl.grad_accum=4"], "at least rl.grad_accum=4"),
     (["rl.trainers=0"], "rl.trainers=0 must be at least 1"),
+    (["rl.trainers=2", "rl.lora.enabled=false", "rl.backend=deepspeed", "rl.deepspeed.zero_stage=3", "rl.forward_engine=fast"],
+     "rl.forward_engine=fast reads the weights directly, and ZeRO-3 partitions them"),
 ])
 def test_a_trainer_group_it_cannot_serve_is_refused_before_anything_runs(overrides: list[str], message: str) -> None:
     recipe = load_recipe("demo", overrides, Recipe)
