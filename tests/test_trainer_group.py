@@ -128,28 +128,36 @@ def test_more_trainers_than_the_local_ray_has_cpus_fail_at_once() -> None:
         TrainerGroup(embedded_policy(0), 3, RLConfig(), LossConfig(), KLConfig(), seed=0)
 
 
-@pytest.mark.slow
-def test_a_run_of_two_trainers_resumes_with_one(tmp_path: Path) -> None:
-    """Checkpoints hold one optimiser state whatever the number of ranks (theirs are equal), so a
-    run trained by two ranks resumes with one and ends where the uninterrupted run ends."""
+def _two_then_one(out: Path, *more: str) -> tuple[list[dict], list[dict], dict, dict]:
+    """Three steps with two ranks; then step 3's checkpoint removed (as if the run had stopped
+    after step 2) and the run resumed with one process of two micro-batches. The RL rows and
+    final weights of both."""
     import shutil
+
+    def recipe(*extra: str) -> Recipe:
+        r = load_recipe("demo", [*RUN, *more, "run.save_every=1", "run.keep_last=3", f"run.output_dir={out}", *extra], Recipe)
+        r.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
+        return r
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = tmp_path / "run"
-        steps = [*RUN, "run.save_every=1", "run.keep_last=3", f"run.output_dir={out}"]
-        whole = load_recipe("demo", [*steps, "rl.trainers=2"], Recipe)
-        whole.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
-        uninterrupted = [r for r in read_metrics(train(whole, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
+        uninterrupted = [r for r in read_metrics(train(recipe("rl.trainers=2"), "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
         final = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
-        shutil.rmtree(out / "checkpoints" / "step-3")  # as if the run had stopped after step 2
-        resumed_recipe = load_recipe("demo", [*steps, "rl.trainers=1", "rl.grad_accum=2", "run.resume=true"], Recipe)
-        resumed_recipe.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
-        resumed = [r for r in read_metrics(train(resumed_recipe, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
+        shutil.rmtree(out / "checkpoints" / "step-3")
+        resumed_dir = train(recipe("rl.trainers=1", "rl.grad_accum=2", "run.resume=true"), "demo")
+        resumed = [r for r in read_metrics(resumed_dir / "metrics.jsonl") if r.get("stage") == "rl"]
         again = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
     finally:
         torch.set_num_threads(threads)
+    return uninterrupted, resumed, final, again
+
+
+@pytest.mark.slow
+def test_a_run_of_two_trainers_resumes_with_one(tmp_path: Path) -> None:
+    """Checkpoints hold one optimiser state whatever the number of ranks (theirs are equal), so a
+    run trained by two ranks resumes with one and ends where the uninterrupted run ends."""
+    uninterrupted, resumed, final, again = _two_then_one(tmp_path / "run")
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
     for key in SAME:
         assert resumed[-1][key] == pytest.approx(uninterrupted[-1][key], rel=TOLERANCE, abs=TOLERANCE), key
@@ -166,25 +174,9 @@ def test_a_deepspeed_run_of_two_trainers_resumes_with_one(tmp_path: Path, stage:
     converts the checkpoint to DeepSpeed's universal layout first. The resumed step's loss is the
     uninterrupted run's (ZeRO-3: within 1e-5, since two ranks run the one-pass forward, see
     TrainerRank, and one process the two-pass forward, whose rounding Adam's state carries on)."""
-    import shutil
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path / "run"
-        steps = [*RUN, "rl.lora.enabled=false", "rl.backend=deepspeed", f"rl.deepspeed.zero_stage={stage}",
-                 "run.save_every=1", "run.keep_last=3", f"run.output_dir={out}"]
-        whole = load_recipe("demo", [*steps, "rl.trainers=2"], Recipe)
-        whole.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
-        uninterrupted = [r for r in read_metrics(train(whole, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
-        final = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
-        shutil.rmtree(out / "checkpoints" / "step-3")  # as if the run had stopped after step 2
-        resumed_recipe = load_recipe("demo", [*steps, "rl.trainers=1", "rl.grad_accum=2", "run.resume=true"], Recipe)
-        resumed_recipe.rewards.append(RewardSpec(f"{__name__}:token_parity", weight=1.0))
-        resumed = [r for r in read_metrics(train(resumed_recipe, "demo") / "metrics.jsonl") if r.get("stage") == "rl"]
-        again = load_checkpoint(out / "checkpoints" / "step-3").model.state_dict()
-    finally:
-        torch.set_num_threads(threads)
+    out = tmp_path / "run"
+    deepspeed = ["rl.lora.enabled=false", "rl.backend=deepspeed", f"rl.deepspeed.zero_stage={stage}"]
+    uninterrupted, resumed, final, again = _two_then_one(out, *deepspeed)
     assert (out / "checkpoints" / "step-2" / "deepspeed" / "universal").is_dir()  # converted, beside the original
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("loss", "grad_norm", "kl", "approx_kl"):
