@@ -148,7 +148,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _sample(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
     logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p >= 1.0:  # no nucleus to find: the inverse CDF over the vocabulary as it is, no sort
@@ -262,7 +262,7 @@ class Policy:
         lengths = torch.full((B,), T, device=self.device)
         stops = torch.tensor([self.tokenizer.eot_id, *stop_ids], device=self.device)
         for t in range(T):
-            tok, lp = _sample(last, uniforms[:, t], sampling)
+            tok, lp = sample_tokens(last, uniforms[:, t], sampling)
             tok = torch.where(done, self.tokenizer.pad_id, tok)
             out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
             newly = ~done & torch.isin(tok, stops)
