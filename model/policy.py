@@ -413,6 +413,11 @@ class Policy:
         hidden = self.model.hidden_states(self._embeddings(batch), batch.attention_mask, _positions(batch.attention_mask))
         return hidden[:, batch.prompt_len - 1 : -1]
 
+    def trained_tokens(self, response_ids: Sequence[int]) -> list[float]:
+        """1.0 for each response token whose part of the model trains (every token here; see
+        OmniPolicy, whose thinker or talker may be left out)."""
+        return [1.0] * len(response_ids)
+
     def audio_token_mask(self, batch: SequenceBatch) -> torch.Tensor:
         """1.0 where a response token is an audio token, else 0.0: [B, R]."""
         t = self.tokenizer

@@ -279,13 +279,14 @@ class OmniSpeech(nn.Module):
         return wav.detach().float().cpu().numpy().reshape(-1)
 
     # -- training ------------------------------------------------------------------------
-    def logprobs(self, prompt: Prompt, text_ids: list[int], codes: list[int], temperature: float = 1.0,
-                 speaker: str = "Chelsie") -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, prompt: Prompt | OmniInputs, text_ids: list[int], codes: list[int], temperature: float = 1.0,
+                 speaker: str = "Chelsie", entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Teacher-forced log-probabilities of `text_ids` (the thinker's) and `codes` (the talker's)
-        under `temperature`: what `sample` recorded, now differentiable. The talker reads the
+        under `temperature`: what `sample` recorded, now differentiable; with `entropy`, each
+        token's distribution's entropy (text then codes, no gradient). The talker reads the
         thinker's states detached, so the thinker's gradient comes from its own tokens only."""
         voice = self.speaker(speaker)
-        inputs = self.inputs(prompt)
+        inputs = prompt if isinstance(prompt, OmniInputs) else self.inputs(prompt)
         embeds, positions = self._prompt_embeddings(inputs)
         T, L = len(text_ids), inputs.ids.shape[1]
         response = torch.tensor([text_ids], device=self.device)
@@ -293,9 +294,10 @@ class OmniSpeech(nn.Module):
         start = int(positions.max()) + 1
         pos = torch.cat([positions, (start + torch.arange(T - 1, device=self.device)).view(1, 1, -1).expand(3, 1, -1)], 2)
         logits, hidden = self._thinker(torch.cat([embeds, e[:, :-1]], dim=1), pos)
-        text = torch.log_softmax(logits[0, L - 1 :].float() / temperature, -1).gather(-1, response[0, :, None])[:, 0]
+        text_dist = torch.log_softmax(logits[0, L - 1 :].float() / temperature, -1)
+        text = text_dist.gather(-1, response[0, :, None])[:, 0]
         if not codes:
-            return text, torch.zeros(0, device=self.device)
+            return text, torch.zeros(0, device=self.device), _entropy(text_dist) if entropy else None
         replies = (hidden[:, L:] + e[:, :-1]).detach()
         rows, talk_pos = self._talker_prefix(inputs, embeds.detach(), hidden[:, :L].detach(), replies[:, :1], text_ids[0],
                                              voice)
@@ -305,5 +307,12 @@ class OmniSpeech(nn.Module):
         begin = int(talk_pos.max()) + 1
         all_pos = torch.cat([talk_pos, (begin + torch.arange(N - 1, device=self.device)).view(1, 1, -1).expand(3, 1, -1)], 2)
         talk_logits = self._talker(torch.cat([rows, steps], dim=1), all_pos)[0, rows.shape[1] - 1 :]
-        speech = torch.log_softmax(talk_logits / temperature, -1).gather(-1, code_t[0, :, None])[:, 0]
-        return text, speech
+        speech_dist = torch.log_softmax(talk_logits / temperature, -1)
+        speech = speech_dist.gather(-1, code_t[0, :, None])[:, 0]
+        return text, speech, torch.cat([_entropy(text_dist), _entropy(speech_dist)]) if entropy else None
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Each row's entropy, from log-probabilities that may be -inf (codes never sampled)."""
+    with torch.no_grad():
+        return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)

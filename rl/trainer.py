@@ -246,7 +246,9 @@ class RLTrainer:
         # tokens the policy produced: a multi-turn rollout's inserted tool results carry loss_mask 0
         produced = [[float(x) for x in r.loss_mask] if r.loss_mask is not None else [1.0] * len(r.response_ids)
                     for r in rollouts]
-        mask = _padded(produced, width)
+        # and only the tokens of parts that train (Qwen2.5-Omni's rl.train_parts; all elsewhere)
+        mask = _padded([[x * w for x, w in zip(p, self.policy.trained_tokens(r.response_ids))]
+                        for p, r in zip(produced, rollouts)], width)
         if self.loss_cfg.mask_truncated:
             mask[torch.tensor([not r.finished for r in rollouts])] = 0.0
         every = _padded([[1.0] * len(r.response_ids) for r in rollouts], width)  # tool results too

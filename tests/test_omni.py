@@ -51,7 +51,7 @@ def test_samples_carry_the_logprobs_the_training_forward_gives(omni: OmniSpeech)
         for speaker in ("Chelsie", "Ethan"):
             s = omni.sample(prompt, sampling, seed=1, speaker=speaker, max_codes=24)
             assert len(s.text_ids) >= 2 and 1 <= len(s.codes) <= 24
-            text, speech = omni.logprobs(prompt, s.text_ids, s.codes, speaker=speaker)
+            text, speech, _ = omni.logprobs(prompt, s.text_ids, s.codes, speaker=speaker)
             assert text.requires_grad and speech.requires_grad
             assert text.detach() == pytest.approx(torch.tensor(s.text_logprobs), abs=1e-5)
             assert speech.detach() == pytest.approx(torch.tensor(s.code_logprobs), abs=1e-5)
@@ -74,13 +74,13 @@ def test_the_talker_reads_the_thinker_detached(omni: OmniSpeech) -> None:
     prompt = _prompts()[1]
     s = omni.sample(prompt, Sampling(max_new_tokens=6), seed=2, max_codes=12)
     omni.zero_grad()
-    _, speech = omni.logprobs(prompt, s.text_ids, s.codes)
+    _, speech, _ = omni.logprobs(prompt, s.text_ids, s.codes)
     speech.sum().backward()
     thinker = [p.grad for p in omni.hf.thinker.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     talker = [p.grad for p in omni.hf.talker.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert not thinker and talker
     omni.zero_grad()
-    text, _ = omni.logprobs(prompt, s.text_ids, s.codes)
+    text, _, _ = omni.logprobs(prompt, s.text_ids, s.codes)
     text.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in omni.hf.thinker.parameters())
     omni.zero_grad()

@@ -1,0 +1,242 @@
+"""Qwen2.5-Omni as a vocalign `Policy`: the trainer, the rollout workers and the rewards
+drive it as they drive the embedded model.
+
+A response is one token stream to the trainer: the thinker's text tokens (ending with
+`<|im_end|>`), then the talker's codes, each shifted past the thinker's vocabulary (code c
+is id `audio_offset + c`). So:
+
+- a rollout's `response_ids` and `logprobs` cover both parts, and `audio_token_mask` (the
+  talker's codes) lets `loss.audio_token_weight` weight the talker's tokens against the
+  thinker's;
+- the advantage is shared: the sequence's reward (computed from the text and from the
+  waveform) gives every token of the response, text and codes, the same advantage, as for
+  the embedded model's interleaved speech tokens;
+- `rl.train_parts` chooses what trains: the thinker's language model, the talker, or both
+  (LoRA on the named parts' projections, or their full weights). The audio encoder, the
+  vision tower and token2wav stay frozen. A part that does not train still samples its
+  tokens; they are left out of the loss (`trained_tokens`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vocalign.data.types import Prompt, Response
+
+from .chat import ParsedResponse
+from .lora import LORA_TARGETS
+from .policy import Generation, Policy, PromptBatch, Sampling, SequenceBatch
+from .qwen2_5_omni import OUTPUT_RATE, OmniInputs, OmniSpeech
+
+PARTS = ("thinker", "talker")
+# where each part's trainable language model lives in Qwen2_5OmniForConditionalGeneration
+PART_PREFIX = {"thinker": ("thinker.model.language_model.", "thinker.lm_head."), "talker": ("talker.",)}
+
+
+class OmniTokens:
+    """The tokenizer side of the combined stream: text ids below `audio_offset`, codes above."""
+
+    def __init__(self, omni: OmniSpeech) -> None:
+        self.hf, self.omni = omni.tokenizer, omni
+        self.audio_offset = omni.hf.config.thinker_config.text_config.vocab_size
+        self.n_audio = omni.hf.config.talker_config.vocab_size
+        self.eot_id = self.hf.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eot_id
+
+    def __len__(self) -> int:
+        return self.audio_offset + self.n_audio
+
+    def is_audio(self, token_id: int) -> bool:
+        return token_id >= self.audio_offset
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def split(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(the thinker's ids, the talker's codes) of a combined response."""
+        return [i for i in ids if i < self.audio_offset], [i - self.audio_offset for i in ids if i >= self.audio_offset]
+
+    def render_response(self, response: Response, units: Sequence[int] = ()) -> list[int]:
+        """An SFT target: the text, `<|im_end|>`, then the given codes."""
+        return self.text_ids(response.text) + [self.eot_id] + [self.audio_offset + c for c in units]
+
+    def parse_response(self, ids: Sequence[int]) -> ParsedResponse:
+        text_ids, codes = self.split(ids)
+        finished = self.eot_id in text_ids
+        if finished:
+            text_ids = text_ids[: text_ids.index(self.eot_id)]
+        text = self.hf.decode(text_ids, skip_special_tokens=True)
+        spoken = [c for c in codes if c not in self.omni.code_stops]
+        return ParsedResponse(think="", text=text, spoken_text=text if spoken else "", audio_ids=spoken, tool_calls=[],
+                              finished=finished)
+
+    def decode_raw(self, ids: Sequence[int]) -> str:
+        text_ids, codes = self.split(ids)
+        return self.hf.decode(text_ids) + (f" [{len(codes)} speech codes]" if codes else "")
+
+
+@dataclass
+class RenderedSpeech:
+    waveform: np.ndarray
+    sample_rate: int
+
+
+class OmniVoice:
+    """The detokenizer side: token2wav with the policy's speaker. The noise token2wav starts
+    from is seeded by the codes, so the same codes always give the same waveform."""
+
+    registered_name = None
+
+    def __init__(self, omni: OmniSpeech, speaker: str) -> None:
+        self.omni, self.speaker = omni, speaker
+        omni.speaker(speaker)  # refuse an unknown voice now, naming the checkpoint's
+
+    def render(self, codes: Sequence[int]) -> RenderedSpeech:
+        seed = int.from_bytes(hashlib.blake2b(str(list(codes)).encode(), digest_size=8).digest(), "little") >> 1
+        wav = self.omni.render(list(codes), self.speaker, seed)
+        return RenderedSpeech(wav if wav is not None else np.zeros(0, np.float32), OUTPUT_RATE)
+
+
+class OmniPolicy(Policy):
+    """`OmniSpeech` behind the `Policy` interface (see the module docstring)."""
+
+    def __init__(self, model: OmniSpeech, speaker: str = "Chelsie", max_codes: int = 256,
+                 train_parts: Sequence[str] = PARTS) -> None:
+        super().__init__(model, OmniTokens(model), OmniVoice(model, speaker))
+        self.speaker, self.max_codes = speaker, max_codes
+        self.shared_prompt_forward = False  # every row runs its own forward (below)
+        self.set_train_parts(train_parts)
+
+    # -- what trains ---------------------------------------------------------------------
+    def set_train_parts(self, parts: Sequence[str]) -> None:
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise ValueError(f"rl.train_parts={list(parts)}: Qwen2.5-Omni's trainable parts are {', '.join(PARTS)}; "
+                             "name one or both")
+        self.train_parts = list(parts)
+        if not self.lora:
+            for name, p in self.model.hf.named_parameters():
+                p.requires_grad_(self._in_parts(name))
+
+    def _in_parts(self, name: str) -> bool:
+        name = name.replace("base_model.model.", "")
+        return any(name.startswith(prefix) for part in self.train_parts for prefix in PART_PREFIX[part])
+
+    def trained_tokens(self, response_ids: Sequence[int]) -> list[float]:
+        """1.0 on the tokens of a part that trains, 0.0 on the others (the trainer's loss mask)."""
+        text, speech = float("thinker" in self.train_parts), float("talker" in self.train_parts)
+        return [speech if self.tokenizer.is_audio(i) else text for i in response_ids]
+
+    def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+        """LoRA adapters on the projections of the trained parts only."""
+        from peft import LoraConfig, get_peft_model
+
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        names = "|".join(target_modules or LORA_TARGETS)
+        parts = "|".join({"thinker": r"thinker\.model\.language_model", "talker": r"talker\.model"}[p] for p in self.train_parts)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf"^({parts})\..*\.({names})$")
+        self.model.hf = get_peft_model(self.model.hf, config)
+        self.lora = True
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        if not self.lora:
+            return super().trainable_state()
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model.hf).items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.lora:
+            return super().load_trainable_state(state)
+        from peft import set_peft_model_state_dict
+
+        unexpected = getattr(set_peft_model_state_dict(self.model.hf, state), "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter state has keys this policy does not: {unexpected[:5]}")
+
+    def freeze_encoder(self) -> None:
+        for module in (self.model.hf.thinker.model.audio_tower, self.model.hf.thinker.model.visual, self.model.hf.token2wav):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    # -- prompts and generation ----------------------------------------------------------
+    def encode_prompts(self, prompts: list[Prompt], train_encoder: bool = False) -> PromptBatch:
+        """Each prompt's ids and, for a spoken one, its Whisper features and their mask (the
+        encoder runs inside every forward)."""
+        ids, encoded = [], []
+        for p in prompts:
+            inputs = self.model.inputs(p)
+            ids.append(inputs.ids[0].tolist())
+            encoded.append([inputs.features[0], inputs.feature_mask[0]] if inputs.features is not None else [])
+        return PromptBatch(prompts, ids, encoded)
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, n: int, sampling: Sampling, seed: int = 0, stop_ids: Sequence[int] = ()) -> list[Generation]:
+        """`n` spoken responses per prompt, grouped by prompt, seeded per (seed, prompt id, sample)."""
+        was_training = self.model.training
+        self.model.eval()
+        gens, offset = [], self.tokenizer.audio_offset
+        for i, prompt in enumerate(batch.prompts):
+            for j in range(n):
+                s = self.model.sample(prompt, sampling, seed, j, self.speaker, self.max_codes, render=False)
+                gens.append(Generation(i, j, s.text_ids + [offset + c for c in s.codes], s.text_logprobs + s.code_logprobs,
+                                       self.tokenizer.eot_id in s.text_ids))
+        self.model.train(was_training)
+        return gens
+
+    # -- the training forward ------------------------------------------------------------
+    def logprobs_and_entropy(self, batch: SequenceBatch, temperature: float = 1.0,
+                             entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probabilities of both parts' tokens, row by row: [B, R]."""
+        B, R = batch.response_mask.shape
+        taken = torch.zeros(B, R, device=self.device)
+        ent = torch.zeros(B, R, device=self.device) if entropy else None
+        clips = np.cumsum([0, *(batch.clips_per_row or [0] * B)])
+        for r in range(B):
+            inputs = self._row_inputs(batch, r, batch.encoded[clips[r] : clips[r + 1]])
+            n = int(batch.response_mask[r].sum())
+            text, codes = self.tokenizer.split(batch.input_ids[r, batch.prompt_len : batch.prompt_len + n].tolist())
+            t, c, e = self.model.logprobs(inputs, text, codes, temperature, self.speaker, entropy)
+            taken = taken.index_put((torch.tensor([r]), torch.arange(n)), torch.cat([t, c]))
+            if entropy:
+                ent[r, :n] = e
+        return taken * batch.response_mask, (ent * batch.response_mask if entropy else None)
+
+    def _row_inputs(self, batch: SequenceBatch, row: int, clips: list[torch.Tensor]) -> OmniInputs:
+        P = batch.prompt_len
+        ids = batch.input_ids[row : row + 1, :P][:, batch.attention_mask[row, :P].bool()]
+        if not clips:
+            return OmniInputs(ids, None, None)
+        return OmniInputs(ids, clips[0].unsqueeze(0), clips[1].unsqueeze(0))
+
+    def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        raise NotImplementedError("Qwen2.5-Omni's two streams have two vocabularies: use logprobs_and_entropy")
+
+    # -- the reference -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reference(self):
+        if self.lora:
+            with self.model.hf.disable_adapter():
+                yield self
+            return
+        if self._reference is None:
+            raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
+        ref = OmniPolicy.__new__(OmniPolicy)
+        ref.__dict__.update(self.__dict__)
+        ref.model, ref.lora = self._reference, False
+        yield ref
+
+
+
+def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,
+                     train_parts: Sequence[str] = PARTS) -> OmniPolicy:
+    return OmniPolicy(OmniSpeech.load(folder), speaker, max_codes, train_parts)
+
