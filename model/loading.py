@@ -4,13 +4,15 @@ A saved policy is a model folder with its tokenizer: the embedded Step-Audio-2-s
 (`vocalign_config.json`) or a `transformers`-native Qwen2-Audio checkpoint (`config.json`,
 `model_type: qwen2_audio`) with `vocalign.json` beside it, which names the speech
 detokenizer its `<audio_k>` tokens belong to. `load_policy` reads both, and a released
-Qwen2-Audio folder too (its chat tokens are added on load).
+Qwen2-Audio folder too (its chat tokens are added on load), and a Qwen2.5-Omni folder in
+the released layout (model/omni_policy.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -47,13 +49,18 @@ def save_policy(policy: Policy, folder: str | Path) -> None:
         (folder / VOCALIGN_META).write_text(json.dumps({"detokenizer": name}))
 
 
-def load_policy(folder: str | Path, detokenizer: str | None = None) -> Policy:
-    """Load a policy saved by `save_policy` (or `vocalign export`), or a local Qwen2-Audio
-    checkpoint. `detokenizer` (a registered name) gives a Qwen2-Audio model speech tokens;
-    a folder saved by vocalign names its own, and a different one is refused."""
+def load_policy(folder: str | Path, detokenizer: str | None = None, **omni: Any) -> Policy:
+    """Load a policy saved by `save_policy` (or `vocalign export`), or a local Qwen2-Audio or
+    Qwen2.5-Omni checkpoint. `detokenizer` (a registered name) gives a Qwen2-Audio model speech
+    tokens; a folder saved by vocalign names its own, and a different one is refused. `omni`
+    (speaker, max_codes, system) configures a Qwen2.5-Omni model (`load_omni_policy`)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).exists():
         config = folder / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen2_5_omni":
+            from .omni_policy import load_omni_policy
+
+            return load_omni_policy(folder, **{k: v for k, v in omni.items() if v is not None})
         if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen2_audio":
             from .hf_audio import load_qwen2_audio_policy
 

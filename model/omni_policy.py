@@ -94,6 +94,11 @@ class OmniVoice:
 
     registered_name = None
 
+    def encode(self, speech: str, style: dict | None = None) -> list[int]:
+        """An SFT target's speech as codes: not derivable from its text, so the target trains the
+        thinker's text only (codec targets are not supported yet)."""
+        return []
+
     def __init__(self, omni: OmniSpeech, speaker: str) -> None:
         self.omni, self.speaker = omni, speaker
         omni.speaker(speaker)  # refuse an unknown voice now, naming the checkpoint's
@@ -134,9 +139,14 @@ class OmniPolicy(Policy):
         text, speech = float("thinker" in self.train_parts), float("talker" in self.train_parts)
         return [speech if self.tokenizer.is_audio(i) else text for i in response_ids]
 
-    def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
-        """LoRA adapters on the projections of the trained parts only."""
+    def enable_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None,
+                    train_parts: Sequence[str] | None = None) -> None:
+        """LoRA adapters on the projections of the trained parts only (`train_parts`, as a
+        checkpoint's lora_config records them; else the policy's)."""
         from peft import LoraConfig, get_peft_model
+
+        if train_parts is not None:
+            self.set_train_parts(train_parts)
 
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -145,6 +155,10 @@ class OmniPolicy(Policy):
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf"^({parts})\..*\.({names})$")
         self.model.hf = get_peft_model(self.model.hf, config)
         self.lora = True
+
+    def merge_lora(self) -> None:
+        self.model.hf = self.model.hf.merge_and_unload()
+        self.lora = False
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         if not self.lora:
@@ -237,6 +251,9 @@ class OmniPolicy(Policy):
 
 
 def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,
-                     train_parts: Sequence[str] = PARTS) -> OmniPolicy:
-    return OmniPolicy(OmniSpeech.load(folder), speaker, max_codes, train_parts)
+                     train_parts: Sequence[str] = PARTS, system: str | None = None) -> OmniPolicy:
+    """A Qwen2.5-Omni folder (released layout) as a policy speaking with `speaker`."""
+    from .qwen2_5_omni import DEFAULT_SYSTEM
+
+    return OmniPolicy(OmniSpeech.load(folder, system=system or DEFAULT_SYSTEM), speaker, max_codes, train_parts)
 

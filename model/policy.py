@@ -432,6 +432,11 @@ class Policy:
         self.model.lm = attach_lora(self.model.lm, r, alpha, dropout, target_modules)
         self.lora = True
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the base weights, in place; the policy is then a plain model."""
+        self.model.lm = self.model.lm.merge_and_unload()
+        self.lora = False
+
     def freeze_encoder(self) -> None:
         for p in self.model.encoder.parameters():
             p.requires_grad_(False)

@@ -125,6 +125,20 @@ class OmniSpeech(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(hf.eval(), tokenizer, WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True), system)
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The model in the released layout (LoRA adapters merged into a copy first), with its
+        voices, tokenizer and feature extractor: `load` reads it back."""
+        import copy
+
+        folder = Path(folder)
+        hf = self.hf
+        if hasattr(hf, "merge_and_unload"):  # a peft wrapper
+            hf = copy.deepcopy(hf).merge_and_unload()
+        hf.save_pretrained(folder)
+        torch.save(hf.speaker_map, folder / SPEAKER_FILE)
+        self.tokenizer.save_pretrained(folder)
+        self.features.save_pretrained(folder)
+
     @property
     def speakers(self) -> list[str]:
         return sorted(self.hf.speaker_map)

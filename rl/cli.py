@@ -106,6 +106,17 @@ def _recipes(_: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_omni(args: argparse.Namespace) -> int:
+    from vocalign.model.omni_tiny import write_tiny_omni
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty; name a new folder for the tiny Qwen2.5-Omni")
+    write_tiny_omni(out, seed=args.seed)
+    print(f"a tiny random Qwen2.5-Omni (released layout) in {out}: vocalign train omni_speech_cpu model.path={out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vocalign",
@@ -155,6 +166,10 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=_eval)
     sub.add_parser("rewards", help="list the registered rewards with their parameters").set_defaults(fn=_rewards)
     sub.add_parser("recipes", help="list the packaged recipes").set_defaults(fn=_recipes)
+    o = sub.add_parser("tiny-omni", help="write a tiny random Qwen2.5-Omni in the released layout (for the CPU recipe)")
+    o.add_argument("out", help="the folder to write (new or empty)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the random weights and voices (default 0)")
+    o.set_defaults(fn=_tiny_omni)
     return p
 
 

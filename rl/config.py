@@ -37,6 +37,13 @@ class ModelConfig:
     # process's GPU when torch sees one (cuda:LOCAL_RANK under a launcher), else the CPU;
     # or a torch device string ("cpu", "cuda", "cuda:1")
     device: str = "auto"
+    # a Qwen2.5-Omni model.path: the voice its talker speaks with (a name in the checkpoint's
+    # spk_dict.pt; unset: Chelsie, as the released generate does), the most speech codes per
+    # response (50 per second of speech), and the system prompt (unset: Qwen's own, which
+    # the released model needs to speak)
+    speaker: str | None = None
+    max_speech_tokens: int = 256
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -100,6 +107,9 @@ class RLConfig:
     trainers: int = 1
     # a trainer process that dies restarts the group from the last checkpoint, at most this many times a run
     trainer_restarts: int = 2
+    # Qwen2.5-Omni: which parts train (thinker: its language model; talker: the codec LM); the
+    # other part still samples, its tokens left out of the loss. Other models have one part.
+    train_parts: list[str] = field(default_factory=lambda: ["thinker", "talker"])
     algorithm: Literal["grpo", "ppo"] = "grpo"  # grpo: the GRPO family (group advantages, no critic); ppo: GAE with a critic
     steps: int = 100
     prompts_per_step: int = 16
@@ -288,8 +298,47 @@ def _cross_key_problems(recipe: Recipe) -> list[str]:
     if rl.dynamic_sampling and rl.algorithm != "grpo":
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     problems += _trainer_problems(recipe)
+    problems += _omni_problems(recipe)
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
+    return problems
+
+
+def is_omni(recipe: Recipe) -> bool:
+    """Whether model.path is a Qwen2.5-Omni checkpoint (its config.json says so)."""
+    import json
+    from pathlib import Path
+
+    config = Path(recipe.model.path) / "config.json" if recipe.model.path else None
+    try:
+        return config is not None and json.loads(config.read_text()).get("model_type") == "qwen2_5_omni"
+    except (OSError, ValueError):
+        return False
+
+
+def _omni_problems(recipe: Recipe) -> list[str]:
+    """rl.train_parts and the Omni model settings: only for a Qwen2.5-Omni model.path."""
+    from vocalign.model.omni_policy import PARTS
+
+    parts, problems = recipe.rl.train_parts, []
+    if not is_omni(recipe):
+        if sorted(parts) != sorted(PARTS):
+            problems.append(f"rl.train_parts={parts} chooses among Qwen2.5-Omni's parts; model.path is not a Qwen2.5-Omni "
+                            "checkpoint, whose model trains as one part: remove rl.train_parts")
+        if recipe.model.speaker is not None:
+            problems.append(f"model.speaker={recipe.model.speaker!r} picks a Qwen2.5-Omni voice; model.path is not a "
+                            "Qwen2.5-Omni checkpoint: remove it")
+        return problems
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        problems.append(f"rl.train_parts={parts}: Qwen2.5-Omni's trainable parts are {', '.join(PARTS)}; name one or both")
+    if recipe.model.max_speech_tokens < 1:
+        problems.append(f"model.max_speech_tokens={recipe.model.max_speech_tokens} must be at least 1")
+    if recipe.model.detokenizer is not None:
+        problems.append("model.detokenizer is for a Qwen2-Audio model.path; Qwen2.5-Omni speaks through its own talker "
+                        "and token2wav: remove it")
+    if recipe.rl.trainers > 1 or recipe.rollouts.num_workers > 0:
+        problems.append("Qwen2.5-Omni runs in one process for now: set rl.trainers=1 and rollouts.num_workers=0")
     return problems
 
 

@@ -86,8 +86,7 @@ def merge_lora(policy: Policy) -> None:
     """Fold the LoRA adapter into the base weights, in place; the policy is then a plain model."""
     if not policy.lora:
         return
-    policy.model.lm = policy.model.lm.merge_and_unload()
-    policy.lora = False
+    policy.merge_lora()
     left = [key for key in policy.model.state_dict() if any(m in key for m in PEFT_KEY_MARKERS)]
     if left:
         raise RuntimeError(f"merging the LoRA adapter left peft weights behind: {left[:5]}")

@@ -35,7 +35,7 @@ from vocalign.rollouts.group import RolloutGroup
 from vocalign.rollouts.worker import RolloutWorker
 
 from .checkpoint import ADAPTER_NAME, intact_checkpoint, read_state, restore_rng, save_base, save_checkpoint, seed_everything
-from .config import Recipe, check_recipe
+from .config import Recipe, check_recipe, is_omni
 from .critic import ValueModel
 from .prompts import audio_limit, build_data
 from .recipe import to_dict
@@ -58,6 +58,13 @@ def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
     policy.shared_prompt_forward = recipe.rl.shared_prompt_forward
     policy.forward_engine = recipe.rl.forward_engine
     return policy
+
+def omni_options(recipe: Recipe) -> dict:
+    """What `load_policy` passes to a Qwen2.5-Omni model (ignored for the others)."""
+    m = recipe.model
+    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt,
+            "train_parts": recipe.rl.train_parts}
+
 
 def resolve_device(name: str) -> torch.device:
     """`model.device` as a torch device: "auto" is this process's GPU when torch sees one
@@ -201,7 +208,7 @@ def prepare(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict
     say(tracker.wandb_status())
     if resume_from:
         say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
-    policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer) if recipe.model.path
+    policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer, **omni_options(recipe)) if recipe.model.path
                       else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds))
     configure_policy(policy, recipe)
     n_params = sum(p.numel() for p in policy.model.parameters())
@@ -221,7 +228,7 @@ def sft_stage(run: Run) -> None:
     cfg, recipe, state = run.recipe.sft, run.recipe, run.state
     done = state.get("stage") == "rl" or (state.get("stage") == "sft" and state["stage_step"] >= cfg.steps)
     if run.resuming("sft"):
-        run.policy = configure_policy(load_policy(run.resume_from), recipe)
+        run.policy = configure_policy(load_policy(run.resume_from, **omni_options(recipe)), recipe)
     if cfg.steps == 0 or done:
         return
     sft = SFTTrainer(run.policy, run.sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, recipe.run.seed)
@@ -264,7 +271,7 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     recipe, cfg = run.recipe, run.recipe.rl
     base = run.run_dir / "checkpoints" / "base"  # the weights RL starts from
     if run.resuming("rl"):
-        run.policy = configure_policy(load_policy(base if lora else run.resume_from), recipe)
+        run.policy = configure_policy(load_policy(base if lora else run.resume_from, **omni_options(recipe)), recipe)
         if not lora and recipe.kl.coef > 0:
             run.policy.keep_reference(place(load_policy(base), recipe).model)  # the reference is where RL started
     elif lora or recipe.kl.coef > 0:
@@ -342,6 +349,8 @@ def rl_stage(run: Run) -> None:
     if cfg.steps == 0:
         return
     lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
+    if lora and is_omni(recipe):  # the adapters go on the trained parts only; the checkpoint says which
+        lora["train_parts"] = list(cfg.train_parts)
     trainer, cursor, first, rows = _rl_trainer(run, lora)
     gather = trainer.updater.full_parameters
     bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm, disable=not recipe.run.progress, dynamic_ncols=True,
