@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from vocalign.data.types import Prompt, Response
 
@@ -160,21 +161,8 @@ class OmniPolicy(Policy):
         self.model.hf = self.model.hf.merge_and_unload()
         self.lora = False
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        if not self.lora:
-            return super().trainable_state()
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model.hf).items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.lora:
-            return super().load_trainable_state(state)
-        from peft import set_peft_model_state_dict
-
-        unexpected = getattr(set_peft_model_state_dict(self.model.hf, state), "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"adapter state has keys this policy does not: {unexpected[:5]}")
+    def adapter_model(self) -> nn.Module:
+        return self.model.hf
 
     def freeze_encoder(self) -> None:
         for module in (self.model.hf.thinker.model.audio_tower, self.model.hf.thinker.model.visual, self.model.hf.token2wav):
@@ -237,9 +225,9 @@ class OmniPolicy(Policy):
     # -- the reference -------------------------------------------------------------------
     @contextlib.contextmanager
     def reference(self):
-        if self.lora:
-            with self.model.hf.disable_adapter():
-                yield self
+        if self.lora:  # the base model, adapters disabled (Policy's)
+            with super().reference() as ref:
+                yield ref
             return
         if self._reference is None:
             raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
@@ -247,7 +235,6 @@ class OmniPolicy(Policy):
         ref.__dict__.update(self.__dict__)
         ref.model, ref.lora = self._reference, False
         yield ref
-
 
 
 def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,

@@ -432,6 +432,10 @@ class Policy:
         self.model.lm = attach_lora(self.model.lm, r, alpha, dropout, target_modules)
         self.lora = True
 
+    def adapter_model(self) -> nn.Module:
+        """The module the LoRA adapters wrap (a peft model once `enable_lora` ran)."""
+        return self.model.lm
+
     def merge_lora(self) -> None:
         """Fold the LoRA adapters into the base weights, in place; the policy is then a plain model."""
         self.model.lm = self.model.lm.merge_and_unload()
@@ -449,7 +453,7 @@ class Policy:
         if self.lora:
             from peft import get_peft_model_state_dict
 
-            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model.lm).items()}
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.adapter_model()).items()}
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
 
@@ -457,7 +461,7 @@ class Policy:
         if self.lora:
             from peft import set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(self.model.lm, state)
+            result = set_peft_model_state_dict(self.adapter_model(), state)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"adapter state has keys this policy does not: {unexpected[:5]}")
@@ -486,7 +490,7 @@ class Policy:
         """The reference model: under LoRA, the base model with the adapters disabled;
         with full weights, the frozen copy made by `keep_reference`."""
         if self.lora:
-            with self.model.lm.disable_adapter():
+            with self.adapter_model().disable_adapter():
                 yield self
             return
         if self._reference is None:

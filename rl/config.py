@@ -337,8 +337,8 @@ def _omni_problems(recipe: Recipe) -> list[str]:
     if recipe.model.detokenizer is not None:
         problems.append("model.detokenizer is for a Qwen2-Audio model.path; Qwen2.5-Omni speaks through its own talker "
                         "and token2wav: remove it")
-    if recipe.rl.trainers > 1 or recipe.rollouts.num_workers > 0:
-        problems.append("Qwen2.5-Omni runs in one process for now: set rl.trainers=1 and rollouts.num_workers=0")
+    if recipe.rl.trainers > 1:
+        problems.append("Qwen2.5-Omni trains in one process for now: set rl.trainers=1 (rollout workers are fine)")
     return problems
 
 

@@ -273,7 +273,7 @@ def _check_local_resources(workers: int, cpus: float, gpus: float) -> None:
 
 def _check_lora_matches(policy: Policy, lora: dict[str, Any]) -> None:
     """A LoRA policy's workers reuse its adapters: a different lora_config would be ignored, so refuse it."""
-    config = policy.model.lm.peft_config["default"]
+    config = policy.adapter_model().peft_config["default"]
     have = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
     wrong = {k: (lora[k], have[k]) for k in have if k in lora and lora[k] != have[k]}
     if wrong:

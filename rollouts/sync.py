@@ -61,7 +61,7 @@ def live_state(policy: Policy, names: list[str] | None = None) -> dict[str, torc
     if policy.lora:
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(policy.model.lm)
+        state = get_peft_model_state_dict(policy.adapter_model())
     else:
         state = policy.model.state_dict()
         if names is None:

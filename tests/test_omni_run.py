@@ -76,7 +76,25 @@ def test_omni_settings_are_checked_before_anything_runs(released: Path) -> None:
 
     assert "rl.train_parts=['vocoder']: Qwen2.5-Omni's trainable parts are thinker, talker" in problems(
         "rl.train_parts=[vocoder]")
-    assert "Qwen2.5-Omni runs in one process for now" in problems("rollouts.num_workers=1")
+    assert "Qwen2.5-Omni trains in one process for now" in problems("rl.trainers=2", "rl.prompts_per_step=2")
     demo = load_recipe("demo", ["rl.train_parts=[talker]"], Recipe)
     with pytest.raises(RecipeCheckError, match=r"rl.train_parts=\['talker'\] chooses among Qwen2.5-Omni's parts"):
         check_recipe(demo)
+
+
+@pytest.mark.slow
+def test_a_ray_rollout_worker_gives_the_in_process_run(released: Path, tmp_path: Path) -> None:
+    """The worker holds a replica (adapters of the talker included), takes each update's adapter,
+    verified by version and checksum, and generates what the trainer's own process would."""
+    few = ["rl.steps=2", "run.save_every=2"]
+    alone = _train(released, tmp_path / "alone", *few)
+    worker = _train(released, tmp_path / "worker", *few, "rollouts.num_workers=1")
+    a = [r for r in read_metrics(alone / "metrics.jsonl") if r.get("stage") == "rl"]
+    b = [r for r in read_metrics(worker / "metrics.jsonl") if r.get("stage") == "rl"]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "reward/mean", "response/tokens"):
+            assert y[key] == x[key], key
+    assert b[-1]["sync/bytes"] > 0
+    sa = load_checkpoint(alone / "checkpoints" / "step-2").trainable_state()
+    sb = load_checkpoint(worker / "checkpoints" / "step-2").trainable_state()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
