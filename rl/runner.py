@@ -62,8 +62,7 @@ def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
 def omni_options(recipe: Recipe) -> dict:
     """What `load_policy` passes to a Qwen2.5-Omni model (ignored for the others)."""
     m = recipe.model
-    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt,
-            "train_parts": recipe.rl.train_parts}
+    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -280,6 +279,8 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     if cfg.algorithm == "ppo":
         critic = ValueModel(run.policy, lora if cfg.critic.lora else None)
         critic.body.encoder.requires_grad_(False)
+    if is_omni(recipe):  # SFT trained both parts' language models; RL trains rl.train_parts
+        run.policy.set_train_parts(cfg.train_parts)
     if lora:
         run.policy.enable_lora(**lora)
     run.policy.freeze_encoder()

@@ -32,6 +32,10 @@ class RolloutWorker:
 
     def __init__(self, policy: Policy, render_speech: bool = True, tools: Sequence[str] = (), max_turns: int = 2,
                  tool_options: dict[str, dict[str, Any]] | None = None) -> None:
+        if tools and not hasattr(policy.tokenizer, "special"):
+            raise ValueError(f"tools {list(tools)} need a policy with tool-call tokens (the embedded model, Qwen2-Audio); "
+                             f"{type(policy).__name__} cannot call tools yet: leave rollouts.tools empty, and pass "
+                             "`vocalign eval --suite` for suites without tools (e.g. --suite style)")
         self.policy = policy
         self.render_speech = render_speech and policy.detokenizer is not None
         self.version = 0
