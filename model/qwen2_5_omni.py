@@ -236,10 +236,21 @@ class OmniSpeech(nn.Module):
     # -- sampling ------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompt: Prompt, sampling: Sampling, seed: int, index: int = 0, speaker: str = "Chelsie",
-               max_codes: int = 256, render: bool = True) -> OmniSample:
+               max_codes: int = 256, render: bool = True, timings: dict[str, float] | None = None) -> OmniSample:
         """One response to `prompt`: text, then codes, then (with `render`) the waveform. Seeded
-        by (seed, prompt id, `index`): the same arguments give the same sample."""
+        by (seed, prompt id, `index`): the same arguments give the same sample. `timings`, when
+        given, accumulates the seconds of each part (thinker, talker, token2wav)."""
+        import time
+
         from transformers import DynamicCache
+
+        clock = {"t": time.perf_counter()}
+
+        def lap(part: str) -> None:
+            if timings is not None:
+                now = time.perf_counter()
+                timings[part] = timings.get(part, 0.0) + now - clock["t"]
+                clock["t"] = now
 
         voice = self.speaker(speaker)
         inputs = self.inputs(prompt)
@@ -259,6 +270,7 @@ class OmniSpeech(nn.Module):
             pos = torch.full((3, 1, 1), position + t, device=self.device)
             logits, h = self._thinker(e, pos, cache)
             replies.append(h + e)
+        lap("thinker")
         if len(replies) == 0:  # a one-token answer: the talker has nothing to read
             return OmniSample(ids, logps, [], [], None)
         replies_t = torch.cat(replies, dim=1)
@@ -275,7 +287,9 @@ class OmniSpeech(nn.Module):
                 break
             e = self.hf.talker.get_input_embeddings()(code.view(1, 1)) + tail[:, k : k + 1]
             logits = self._talker(e, torch.full((3, 1, 1), start + k, device=self.device), cache)
+        lap("talker")
         waveform = self.render(codes, speaker, row_seed(seed, prompt.id + "/token2wav", index)) if render else None
+        lap("token2wav")
         return OmniSample(ids, logps, codes, code_logps, waveform)
 
     @torch.no_grad()
