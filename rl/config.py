@@ -318,9 +318,13 @@ def is_omni(recipe: Recipe) -> bool:
 
 def _omni_problems(recipe: Recipe) -> list[str]:
     """rl.train_parts and the Omni model settings: only for a Qwen2.5-Omni model.path."""
+    from pathlib import Path
+
     from vocalign.model.omni_policy import PARTS
 
     parts, problems = recipe.rl.train_parts, []
+    if recipe.model.path and not (Path(recipe.model.path) / "config.json").is_file():
+        return []  # a missing or unknown model.path is reported on its own
     if not is_omni(recipe):
         if sorted(parts) != sorted(PARTS):
             problems.append(f"rl.train_parts={parts} chooses among Qwen2.5-Omni's parts; model.path is not a Qwen2.5-Omni "

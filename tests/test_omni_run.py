@@ -98,3 +98,12 @@ def test_a_ray_rollout_worker_gives_the_in_process_run(released: Path, tmp_path:
     sa = load_checkpoint(alone / "checkpoints" / "step-2").trainable_state()
     sb = load_checkpoint(worker / "checkpoints" / "step-2").trainable_state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_real_checkpoint_recipe_parses_and_names_the_missing_folder() -> None:
+    recipe = load_recipe("omni_speech_grpo", [], Recipe)
+    assert recipe.rl.train_parts == ["thinker", "talker"] and recipe.model.speaker == "Chelsie"
+    with pytest.raises(RecipeCheckError) as caught:
+        check_recipe(recipe)
+    assert "model.path=Qwen2.5-Omni-3B does not exist" in str(caught.value)
+    assert "model.speaker" not in str(caught.value)
