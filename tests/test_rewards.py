@@ -603,3 +603,21 @@ def test_reward_spec_checks_on_error_and_weight() -> None:
         RewardSpec("correctness", on_error="ignore")
     with pytest.raises(ValueError, match="weight=inf must be a finite number"):
         RewardSpec("correctness", weight=float("inf"))
+
+
+def test_speech_duration_scores_the_rendered_waveform() -> None:
+    import numpy as np
+
+    from vocalign.data.types import Rollout
+    from vocalign.rewards import get_reward
+
+    def rollout(seconds: float | None) -> Rollout:
+        wav = None if seconds is None else np.zeros(int(24_000 * seconds), np.float32)
+        return Rollout(prompt=None, text="", think="", spoken_text="", audio_tokens=[], waveform=wav, sample_rate=24_000,
+                       prompt_ids=[], response_ids=[], logprobs=[])
+
+    fn = get_reward("speech_duration")
+    scores = fn([rollout(1.0), rollout(1.5), rollout(3.0), rollout(None)], target_s=1.0, tolerance_s=1.0)
+    assert scores == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="target_s=0 and tolerance_s=1.0 must be positive"):
+        fn([rollout(1.0)], target_s=0, tolerance_s=1.0)
