@@ -341,8 +341,6 @@ def _omni_problems(recipe: Recipe) -> list[str]:
     if recipe.model.detokenizer is not None:
         problems.append("model.detokenizer is for a Qwen2-Audio model.path; Qwen2.5-Omni speaks through its own talker "
                         "and token2wav: remove it")
-    if recipe.rl.trainers > 1:
-        problems.append("Qwen2.5-Omni trains in one process for now: set rl.trainers=1 (rollout workers are fine)")
     if recipe.rl.algorithm == "ppo":
         problems.append("PPO's critic is not built for Qwen2.5-Omni's two token streams yet: use rl.algorithm=grpo")
     if recipe.rollouts.tools or "tool_use" in recipe.eval.suites:

@@ -107,3 +107,26 @@ def test_the_real_checkpoint_recipe_parses_and_names_the_missing_folder() -> Non
         check_recipe(recipe)
     assert "model.path=Qwen2.5-Omni-3B does not exist" in str(caught.value)
     assert "model.speaker" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_take_the_one_process_update(released: Path, tmp_path: Path) -> None:
+    """Two Ray trainer ranks, each generating its share and training on its half of every
+    minibatch, match one process of two micro-batches (tests/test_trainer_group.py's tolerance)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        few = ["rl.steps=2", "run.save_every=2"]
+        one = _train(released, tmp_path / "one", *few, "rl.grad_accum=2")
+        two = _train(released, tmp_path / "two", *few, "rl.trainers=2")
+    finally:
+        torch.set_num_threads(threads)
+    a = [r for r in read_metrics(one / "metrics.jsonl") if r.get("stage") == "rl"]
+    b = [r for r in read_metrics(two / "metrics.jsonl") if r.get("stage") == "rl"]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "reward/mean", "response/tokens"):
+            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-6), key
+        assert y["trainers/allreduce_bytes"] > 0
+    sa = load_checkpoint(one / "checkpoints" / "step-2").trainable_state()
+    sb = load_checkpoint(two / "checkpoints" / "step-2").trainable_state()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 2e-7
