@@ -61,6 +61,7 @@ def load_policy(folder: str | Path, detokenizer: str | None = None, **omni: Any)
             from .omni_policy import load_omni_policy
 
             return load_omni_policy(folder, **{k: v for k, v in omni.items() if v is not None})
+        dtype = getattr(torch, omni.get("dtype") or "float32")
         if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen2_audio":
             from .hf_audio import load_qwen2_audio_policy
 
@@ -71,7 +72,7 @@ def load_policy(folder: str | Path, detokenizer: str | None = None, **omni: Any)
                     f"{folder} was saved with the speech detokenizer {saved!r}, not {detokenizer!r}: its <audio_k> tokens "
                     f"are {saved!r}'s units; set model.detokenizer={saved} (or leave it unset)"
                 )
-            return load_qwen2_audio_policy(folder, detokenizer=detokenizer or saved)
+            return load_qwen2_audio_policy(folder, detokenizer=detokenizer or saved, dtype=dtype)
         raise FileNotFoundError(
             f"{folder} is not a saved vocalign model (no {CONFIG_NAME}) nor a Qwen2-Audio checkpoint (a config.json "
             "with model_type qwen2_audio); pass a folder written by save_policy or `vocalign export`, or a local "

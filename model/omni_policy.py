@@ -238,9 +238,11 @@ class OmniPolicy(Policy):
 
 
 def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,
-                     train_parts: Sequence[str] = PARTS, system: str | None = None) -> OmniPolicy:
-    """A Qwen2.5-Omni folder (released layout) as a policy speaking with `speaker`."""
+                     train_parts: Sequence[str] = PARTS, system: str | None = None, dtype: str = "float32") -> OmniPolicy:
+    """A Qwen2.5-Omni folder (released layout) as a policy speaking with `speaker`, its thinker and
+    talker in `dtype` (token2wav in float32)."""
     from .qwen2_5_omni import DEFAULT_SYSTEM
 
-    return OmniPolicy(OmniSpeech.load(folder, system=system or DEFAULT_SYSTEM), speaker, max_codes, train_parts)
+    omni = OmniSpeech.load(folder, dtype=getattr(torch, dtype), system=system or DEFAULT_SYSTEM)
+    return OmniPolicy(omni, speaker, max_codes, train_parts)
 

@@ -44,6 +44,8 @@ class ModelConfig:
     speaker: str | None = None
     max_speech_tokens: int = 256
     system_prompt: str | None = None
+    # the weights' dtype for a model.path checkpoint (Qwen2.5-Omni's token2wav stays float32)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -264,6 +266,9 @@ def check_recipe(recipe: Recipe) -> None:
 def _cross_key_problems(recipe: Recipe) -> list[str]:
     problems = []
     rl = recipe.rl
+    if recipe.model.dtype != "float32" and recipe.model.path is None:
+        problems.append(f"model.dtype={recipe.model.dtype} applies to a model.path checkpoint; the embedded default "
+                        "trains in float32: remove model.dtype or set model.path")
     if recipe.model.detokenizer is not None and recipe.model.path is None:
         problems.append(f"model.detokenizer={recipe.model.detokenizer} is for a Qwen2-Audio model.path; the embedded "
                         "default has its own detokenizer: leave model.detokenizer unset or set model.path")

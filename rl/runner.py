@@ -60,9 +60,10 @@ def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
     return policy
 
 def omni_options(recipe: Recipe) -> dict:
-    """What `load_policy` passes to a Qwen2.5-Omni model (ignored for the others)."""
+    """What `load_policy` passes to a checkpoint's model: the dtype, and Qwen2.5-Omni's voice,
+    code limit and system prompt (which the other models ignore)."""
     m = recipe.model
-    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt}
+    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt, "dtype": m.dtype}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -130,3 +130,18 @@ def test_grpo_on_the_talker_alone_learns_a_reward_measured_from_its_waveform(rel
           f"(gain 95% CI {low:.3f}..{high:.3f})")
     assert low > 0
     assert statistics.mean(curve[-6:]) > statistics.mean(curve[:6])
+
+
+def test_bfloat16_weights_keep_token2wav_in_float32(released: Path) -> None:
+    """model.dtype=bfloat16: the thinker and talker in bf16, token2wav in float32 (it runs only so);
+    sampling and the training forward then agree to bf16's precision, not float32's."""
+    policy = load_omni_policy(released, max_codes=16, dtype="bfloat16")
+    hf = policy.model.hf
+    assert hf.thinker.dtype == hf.talker.dtype == torch.bfloat16 and hf.token2wav.dtype == torch.float32
+    prompt = make_task("arithmetic", 1, seed=5)
+    batch = policy.encode_prompts(prompt)
+    g = policy.generate(batch, 1, Sampling(max_new_tokens=5), seed=1)[0]
+    logprobs = policy.logprobs(policy.sequences(batch.ids, [g.response_ids], batch.encoded)).detach()[0]
+    assert logprobs[: len(g.logprobs)] == pytest.approx(torch.tensor(g.logprobs), abs=2e-2)
+    speech = policy.detokenizer.render(policy.tokenizer.parse_response(g.response_ids).audio_ids)
+    assert speech.waveform.dtype == np.float32 and len(speech.waveform) > 0
