@@ -69,13 +69,16 @@ class Response:
     """A reference assistant turn, used as the SFT target.
 
     `speech` is what the assistant says aloud (inside <tts_start>...<tts_end>), spoken
-    in `style`; None means a text-only answer.
+    in `style`; None means a text-only answer. `codes`, when given, is the speech as the
+    model's own audio tokens (indices into its audio vocabulary: Qwen2.5-Omni's codec
+    codes), used as the target's speech instead of rendering `speech`.
     """
 
     text: str
     speech: str | None = None
     style: SpeechStyle = field(default_factory=SpeechStyle)
     think: str | None = None
+    codes: list[int] | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ Row schema (one row = one prompt):
 | `messages` | see below| instead of `prompt`/`audio`: the conversation as a list of turns `{"role", "content", "audio"}`; `role` is one of system, human, assistant, tool_json_schemas, input; `content` is text ("" by default); `audio` is optional, as above. The last turn must be `human` or `input` (what the model answers). |
 | `system`   | no       | text of a system turn put first. |
 | `task`     | no       | the task name (`Prompt.task`, used to pick rewards); default: the `task` argument. |
-| `response` | no       | reference answer for SFT (`Prompt.target`): a string (a text answer), or `{"text", "speech", "style", "think"}` where `speech` is what is said aloud and `style` is as below. |
+| `response` | no       | reference answer for SFT (`Prompt.target`): a string (a text answer), or `{"text", "speech", "style", "think", "codes"}` where `speech` is what is said aloud, `style` is as below, and `codes` (optional) is the speech as the model's own audio codes (Qwen2.5-Omni's talker codec: used instead of `speech`). |
 | any other  | no       | reference fields for rewards, kept in `Prompt.meta` under their own names, e.g. `answer`, `transcript`, `label`, `style`. |
 
 A row needs `messages`, or `prompt` and/or `audio` (an audio-only row is a spoken
@@ -367,16 +367,20 @@ def _response(value: Any, bad: _Bad) -> Response:
         return Response(text=value)
     if not isinstance(value, dict):
         raise bad(f"'response' is a {type(value).__name__}; give text or a {{text, speech, style, think}} dict")
-    unknown = sorted(set(value) - {"text", "speech", "style", "think"})
+    unknown = sorted(set(value) - {"text", "speech", "style", "think", "codes"})
     if unknown:
-        raise bad(f"'response' has unknown keys {unknown}; use text, speech, style, think")
+        raise bad(f"'response' has unknown keys {unknown}; use text, speech, style, think, codes")
     style = value.get("style", {})
     _check_style(style, bad, "response.style")
+    codes = value.get("codes")
+    if codes is not None and (not isinstance(codes, list) or not all(isinstance(c, int) and c >= 0 for c in codes)):
+        raise bad(f"'response.codes' is {str(codes)[:60]!r}; give the speech as a list of non-negative integer codes")
     return Response(
         text=value.get("text", ""),
         speech=value.get("speech"),
         style=SpeechStyle(**style),
         think=value.get("think"),
+        codes=codes,
     )
 
 

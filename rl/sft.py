@@ -20,7 +20,13 @@ def target_ids(policy: Policy, prompt: Prompt) -> list[int]:
     if prompt.target is None:
         raise ValueError(f"prompt {prompt.id!r} has no reference response; SFT needs a `response` for every row")
     units: list[int] = []
-    if prompt.target.speech is not None:
+    if prompt.target.codes is not None:  # the speech as the model's own audio codes
+        n = policy.tokenizer.n_audio
+        bad = [c for c in prompt.target.codes if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"prompt {prompt.id!r}: response.codes has {bad[:5]}, outside the model's {n} audio codes")
+        units = list(prompt.target.codes)
+    elif prompt.target.speech is not None:
         if policy.detokenizer is None:
             raise ValueError(f"prompt {prompt.id!r} has speech in its target but the policy has no speech detokenizer")
         units = policy.detokenizer.encode(prompt.target.speech, prompt.target.style)

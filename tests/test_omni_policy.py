@@ -145,3 +145,26 @@ def test_bfloat16_weights_keep_token2wav_in_float32(released: Path) -> None:
     assert logprobs[: len(g.logprobs)] == pytest.approx(torch.tensor(g.logprobs), abs=2e-2)
     speech = policy.detokenizer.render(policy.tokenizer.parse_response(g.response_ids).audio_ids)
     assert speech.waveform.dtype == np.float32 and len(speech.waveform) > 0
+
+
+def test_sft_on_codec_targets_teaches_the_talker(released: Path) -> None:
+    """A target whose speech is given as codec codes trains the talker on them (and the thinker
+    on the text): the loss on those targets falls; without codes only the thinker learns."""
+    from vocalign.data.types import Response
+    from vocalign.rl.sft import SFTTrainer, target_ids
+
+    policy = load_omni_policy(released, max_codes=16)
+    policy.freeze_encoder()
+    prompts = make_task("arithmetic", 4, seed=8)
+    for k, p in enumerate(prompts):
+        p.target = Response(text="eight", codes=[3 + k, 5, 7, 11, 13, policy.model.codec["eos"]])
+    ids = target_ids(policy, prompts[0])
+    assert [i - policy.tokenizer.audio_offset for i in ids if policy.tokenizer.is_audio(i)] == prompts[0].target.codes
+    talker_before = {n: p.detach().clone() for n, p in policy.model.hf.talker.named_parameters()}
+    sft = SFTTrainer(policy, prompts, batch_size=4, lr=3e-3, warmup_steps=0, grad_clip=1.0, seed=0)
+    losses = [sft.step(i)["loss"] for i in range(12)]
+    assert losses[-1] < losses[0] * 0.7
+    assert any(not torch.equal(p.detach(), talker_before[n]) for n, p in policy.model.hf.talker.named_parameters())
+    prompts[0].target = Response(text="eight", codes=[policy.tokenizer.n_audio + 1])
+    with pytest.raises(ValueError, match=r"response.codes has \[\d+\], outside the model's 64 audio codes"):
+        target_ids(policy, prompts[0])
