@@ -76,7 +76,8 @@ def test_omni_settings_are_checked_before_anything_runs(released: Path) -> None:
 
     assert "rl.train_parts=['vocoder']: Qwen2.5-Omni's trainable parts are thinker, talker" in problems(
         "rl.train_parts=[vocoder]")
-    assert "Qwen2.5-Omni trains in one process for now" in problems("rl.trainers=2", "rl.prompts_per_step=2")
+    assert "PPO's critic is not built for Qwen2.5-Omni's two token streams yet" in problems("rl.algorithm=ppo")
+    assert "Qwen2.5-Omni cannot call tools yet" in problems("eval.suites=[tool_use]")
     demo = load_recipe("demo", ["rl.train_parts=[talker]"], Recipe)
     with pytest.raises(RecipeCheckError, match=r"rl.train_parts=\['talker'\] chooses among Qwen2.5-Omni's parts"):
         check_recipe(demo)
