@@ -222,6 +222,37 @@ class OmniPolicy(Policy):
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         raise NotImplementedError("Qwen2.5-Omni's two streams have two vocabularies: use logprobs_and_entropy")
 
+    @property
+    def hidden_size(self) -> int:
+        """The thinker's width plus the talker's: `response_hidden_states` puts each stream in its own columns."""
+        config = self.model.hf.config
+        return config.thinker_config.text_config.hidden_size + config.talker_config.hidden_size
+
+    def response_hidden_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """[B, R, Ht + Hc]: at a text token, the thinker's last hidden state that predicts it in the
+        first Ht columns; at a code, the talker's in the last Hc (zeros elsewhere). One linear head
+        over it (PPO's critic) is thus one value head per stream."""
+        B, R = batch.response_mask.shape
+        width = self.model.hf.config.thinker_config.text_config.hidden_size
+        out = torch.zeros(B, R, self.hidden_size, device=self.device)
+        clips = np.cumsum([0, *(batch.clips_per_row or [0] * B)])
+        for r in range(B):
+            inputs = self._row_inputs(batch, r, batch.encoded[clips[r] : clips[r + 1]])
+            n = int(batch.response_mask[r].sum())
+            text, codes = self.tokenizer.split(batch.input_ids[r, batch.prompt_len : batch.prompt_len + n].tolist())
+            _, text_hidden, _, code_hidden = self.model.teacher_forced(inputs, text, codes, self.speaker)
+            rows = torch.arange(len(text), device=self.device)
+            out = out.index_put((torch.tensor([r]), rows[:, None], torch.arange(width)[None]), text_hidden.float())
+            if code_hidden is not None:
+                rows = len(text) + torch.arange(len(codes), device=self.device)
+                out = out.index_put((torch.tensor([r]), rows[:, None], width + torch.arange(code_hidden.shape[-1])[None]),
+                                    code_hidden.float())
+        return out
+
+    def train_language_model(self) -> None:
+        """Full weights: the language models of `train_parts` train."""
+        self.set_train_parts(self.train_parts)
+
     # -- the reference -------------------------------------------------------------------
     @contextlib.contextmanager
     def reference(self):

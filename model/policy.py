@@ -13,17 +13,16 @@ generator, so a prompt's samples do not depend on which other prompts share the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vocalign.data.types import Prompt
 
 from .kernels import token_logprobs
+from .sampling import Sampling, row_seed, sample_tokens
 from .lora import attach_lora
 from .tokenizer import ChatTokenizer
 
@@ -78,19 +77,6 @@ GREEDY_TEMPERATURE = 1e-4  # near-greedy: sampling needs a temperature above 0
 
 
 @dataclass
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"sampling temperature must be > 0 (got {self.temperature}); use a small value such as 1e-3 for near-greedy")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p must be in (0, 1] (got {self.top_p})")
-
-
-@dataclass
 class PromptBatch:
     """Prompts rendered to ids (left-padded) with their audio encoded."""
 
@@ -139,29 +125,8 @@ def place_audio(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: i
     return embeds.masked_scatter(slots.unsqueeze(-1), frames.to(embeds.dtype))
 
 
-def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{prompt_id}/{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
-    logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p >= 1.0:  # no nucleus to find: the inverse CDF over the vocabulary as it is, no sort
-        cum = logp.exp().cumsum(-1)
-        tokens = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=logp.shape[-1] - 1)
-        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    probs, order = logp.exp().sort(dim=-1, descending=True)
-    cum = probs.cumsum(-1)
-    probs = probs * ((cum - probs) < sampling.top_p)  # the smallest set reaching top_p
-    cum = probs.cumsum(-1)
-    pick = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
-    tokens = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class Policy:
@@ -431,6 +396,24 @@ class Policy:
             p.requires_grad_(False)
         self.model.lm = attach_lora(self.model.lm, r, alpha, dropout, target_modules)
         self.lora = True
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of `response_hidden_states` (what a value head reads)."""
+        return self.model.lm.config.hidden_size
+
+    def with_model(self, model: nn.Module) -> Policy:
+        """This policy's tokenizer and settings over another copy of its model (PPO's critic body)."""
+        import copy
+
+        view = copy.copy(self)
+        view.model, view.lora, view._reference = model, False, None
+        return view
+
+    def train_language_model(self) -> None:
+        """Make the language model's weights trainable (full-weight training; the encoder stays as it is)."""
+        for p in self.model.lm.parameters():
+            p.requires_grad_(True)
 
     def adapter_model(self) -> nn.Module:
         """The module the LoRA adapters wrap (a peft model once `enable_lora` ran)."""

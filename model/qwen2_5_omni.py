@@ -36,7 +36,7 @@ from torch import nn
 
 from vocalign.data.types import Prompt
 
-from .policy import Sampling, row_seed, sample_tokens
+from .sampling import Sampling, row_seed, sample_tokens
 
 OUTPUT_RATE = 24_000  # token2wav's waveform (BigVGAN: 240 samples per mel frame, 100 frames per second)
 INPUT_RATE = 16_000  # the Whisper features of the audio prompt
@@ -201,12 +201,12 @@ class OmniSpeech(nn.Module):
                                                    use_cache=cache is not None, return_dict=True)
         return self.hf.thinker.lm_head(out.last_hidden_state), out.last_hidden_state
 
-    def _talker(self, embeds, positions, cache=None):
+    def _talker(self, embeds, positions, cache=None, hidden: bool = False):
         talker = self.hf.talker
         out = talker.model(inputs_embeds=talker.thinker_to_talker_proj(embeds), position_ids=positions, cache=cache,
                            use_cache=cache is not None, return_dict=True)
-        logits = talker.codec_head(out.last_hidden_state).float()
-        return logits.masked_fill(~self.code_allowed, float("-inf"))
+        logits = talker.codec_head(out.last_hidden_state).float().masked_fill(~self.code_allowed, float("-inf"))
+        return (logits, out.last_hidden_state) if hidden else logits
 
     def _talker_prefix(self, inputs: OmniInputs, prompt_embeds, prompt_hidden, first_reply, first_id: int,
                        speaker: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,12 +307,12 @@ class OmniSpeech(nn.Module):
         return wav.detach().float().cpu().numpy().reshape(-1)
 
     # -- training ------------------------------------------------------------------------
-    def logprobs(self, prompt: Prompt | OmniInputs, text_ids: list[int], codes: list[int], temperature: float = 1.0,
-                 speaker: str = "Chelsie", entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Teacher-forced log-probabilities of `text_ids` (the thinker's) and `codes` (the talker's)
-        under `temperature`: what `sample` recorded, now differentiable; with `entropy`, each
-        token's distribution's entropy (text then codes, no gradient). The talker reads the
-        thinker's states detached, so the thinker's gradient comes from its own tokens only."""
+    def teacher_forced(self, prompt: Prompt | OmniInputs, text_ids: list[int], codes: list[int],
+                       speaker: str = "Chelsie") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One teacher-forced pass over a response: (the thinker's logits and last hidden states at
+        the positions that predict each text token, [T, V] and [T, H]; the talker's, at the
+        positions that predict each code, [N, C] and [N, Hc], or None without codes). The talker
+        reads the thinker's states detached, so the thinker's gradient comes from its own tokens."""
         voice = self.speaker(speaker)
         inputs = prompt if isinstance(prompt, OmniInputs) else self.inputs(prompt)
         embeds, positions = self._prompt_embeddings(inputs)
@@ -322,21 +322,33 @@ class OmniSpeech(nn.Module):
         start = int(positions.max()) + 1
         pos = torch.cat([positions, (start + torch.arange(T - 1, device=self.device)).view(1, 1, -1).expand(3, 1, -1)], 2)
         logits, hidden = self._thinker(torch.cat([embeds, e[:, :-1]], dim=1), pos)
-        text_dist = torch.log_softmax(logits[0, L - 1 :].float() / temperature, -1)
-        text = text_dist.gather(-1, response[0, :, None])[:, 0]
+        text = (logits[0, L - 1 :], hidden[0, L - 1 :])
         if not codes:
-            return text, torch.zeros(0, device=self.device), _entropy(text_dist) if entropy else None
+            return (*text, None, None)
         replies = (hidden[:, L:] + e[:, :-1]).detach()
         rows, talk_pos = self._talker_prefix(inputs, embeds.detach(), hidden[:, :L].detach(), replies[:, :1], text_ids[0],
                                              voice)
         N = len(codes)
-        code_t = torch.tensor([codes], device=self.device)
-        steps = self.hf.talker.get_input_embeddings()(code_t[:, :-1]) + self._reply_tail(replies, N - 1)
+        steps = self.hf.talker.get_input_embeddings()(torch.tensor([codes[:-1]], dtype=torch.long, device=self.device))
+        steps = steps + self._reply_tail(replies, N - 1)
         begin = int(talk_pos.max()) + 1
         all_pos = torch.cat([talk_pos, (begin + torch.arange(N - 1, device=self.device)).view(1, 1, -1).expand(3, 1, -1)], 2)
-        talk_logits = self._talker(torch.cat([rows, steps], dim=1), all_pos)[0, rows.shape[1] - 1 :]
-        speech_dist = torch.log_softmax(talk_logits / temperature, -1)
-        speech = speech_dist.gather(-1, code_t[0, :, None])[:, 0]
+        talk_logits, talk_hidden = self._talker(torch.cat([rows, steps], dim=1), all_pos, hidden=True)
+        first = rows.shape[1] - 1
+        return (*text, talk_logits[0, first:], talk_hidden[0, first:])
+
+    def logprobs(self, prompt: Prompt | OmniInputs, text_ids: list[int], codes: list[int], temperature: float = 1.0,
+                 speaker: str = "Chelsie", entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced log-probabilities of `text_ids` (the thinker's) and `codes` (the talker's)
+        under `temperature`: what `sample` recorded, now differentiable; with `entropy`, each
+        token's distribution's entropy (text then codes, no gradient)."""
+        text_logits, _, code_logits, _ = self.teacher_forced(prompt, text_ids, codes, speaker)
+        text_dist = torch.log_softmax(text_logits.float() / temperature, -1)
+        text = text_dist.gather(-1, torch.tensor(text_ids, device=self.device)[:, None])[:, 0]
+        if code_logits is None:
+            return text, torch.zeros(0, device=self.device), _entropy(text_dist) if entropy else None
+        speech_dist = torch.log_softmax(code_logits / temperature, -1)
+        speech = speech_dist.gather(-1, torch.tensor(codes, device=self.device)[:, None])[:, 0]
         return text, speech, torch.cat([_entropy(text_dist), _entropy(speech_dist)]) if entropy else None
 
 

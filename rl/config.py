@@ -346,8 +346,6 @@ def _omni_problems(recipe: Recipe) -> list[str]:
     if recipe.model.detokenizer is not None:
         problems.append("model.detokenizer is for a Qwen2-Audio model.path; Qwen2.5-Omni speaks through its own talker "
                         "and token2wav: remove it")
-    if recipe.rl.algorithm == "ppo":
-        problems.append("PPO's critic is not built for Qwen2.5-Omni's two token streams yet: use rl.algorithm=grpo")
     if recipe.rollouts.tools or "tool_use" in recipe.eval.suites:
         problems.append("Qwen2.5-Omni cannot call tools yet: remove rollouts.tools and the tool_use eval suite")
     return problems

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vocalign.model.lora import attach_lora
 from vocalign.model.policy import Policy, SequenceBatch
 
 CRITIC_NAME = "critic.safetensors"
@@ -27,23 +26,23 @@ class ValueModel(nn.Module):
         if policy.lora:
             raise ValueError("build the critic from the policy before its LoRA adapters are attached")
         self.body = copy.deepcopy(policy.model)
+        # a Policy view on the body (of the policy's own class), to reuse its sequence packing,
+        # hidden-state slicing and LoRA, running its forward as the policy's runs
+        view = policy.with_model(self.body)
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.lora = lora is not None
         if lora:
-            self.body.lm = attach_lora(self.body.lm, lora["r"], lora["alpha"], lora["dropout"])
+            view.enable_lora(**lora)
         else:
-            for p in self.body.lm.parameters():
-                p.requires_grad_(True)
-        hidden = policy.model.lm.config.hidden_size
-        self.head = nn.Linear(hidden, 1, device=policy.device)
+            view.train_language_model()
+        self.head = nn.Linear(view.hidden_size, 1, device=policy.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        # a Policy view on the body, to reuse its sequence packing and hidden-state slicing,
-        # running its forward as the policy's runs
-        view = Policy(self.body, policy.tokenizer)
-        view.shared_prompt_forward, view.forward_engine = policy.shared_prompt_forward, policy.forward_engine
         self.__dict__["_view"] = view
+
+    def freeze_encoder(self) -> None:
+        self._view.freeze_encoder()
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """The value of each response position (before its token is chosen): [B, R], 0 on padding."""

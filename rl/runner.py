@@ -279,7 +279,7 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     critic = None
     if cfg.algorithm == "ppo":
         critic = ValueModel(run.policy, lora if cfg.critic.lora else None)
-        critic.body.encoder.requires_grad_(False)
+        critic.freeze_encoder()
     if is_omni(recipe):  # SFT trained both parts' language models; RL trains rl.train_parts
         run.policy.set_train_parts(cfg.train_parts)
     if lora:

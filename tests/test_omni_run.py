@@ -76,7 +76,6 @@ def test_omni_settings_are_checked_before_anything_runs(released: Path) -> None:
 
     assert "rl.train_parts=['vocoder']: Qwen2.5-Omni's trainable parts are thinker, talker" in problems(
         "rl.train_parts=[vocoder]")
-    assert "PPO's critic is not built for Qwen2.5-Omni's two token streams yet" in problems("rl.algorithm=ppo")
     assert "Qwen2.5-Omni cannot call tools yet" in problems("eval.suites=[tool_use]")
     demo = load_recipe("demo", ["rl.train_parts=[talker]"], Recipe)
     with pytest.raises(RecipeCheckError, match=r"rl.train_parts=\['talker'\] chooses among Qwen2.5-Omni's parts"):
@@ -131,3 +130,23 @@ def test_two_trainer_ranks_take_the_one_process_update(released: Path, tmp_path:
     sa = load_checkpoint(one / "checkpoints" / "step-2").trainable_state()
     sb = load_checkpoint(two / "checkpoints" / "step-2").trainable_state()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 2e-7
+
+
+@pytest.mark.slow
+def test_ppo_with_a_two_stream_critic_trains_and_resumes_bitwise(released: Path, tmp_path: Path) -> None:
+    """PPO's critic over Qwen2.5-Omni reads the thinker's states at text tokens and the talker's at
+    codes (one value head per stream, `OmniPolicy.response_hidden_states`); it trains, and a run
+    resumed from its checkpoint ends where the uninterrupted one ends."""
+    ppo = ["rl.algorithm=ppo"]
+    whole = _train(released, tmp_path / "whole", *ppo)
+    rows = [r for r in read_metrics(whole / "metrics.jsonl") if r.get("stage") == "rl"]
+    assert all(r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0 for r in rows)
+    again = tmp_path / "again"
+    shutil.copytree(whole, again)
+    shutil.rmtree(again / "checkpoints" / "step-4")
+    for p in ("metrics.jsonl", "summary.json"):
+        (again / p).unlink()
+    _train(released, again, *ppo, "run.resume=true")
+    resumed = [r for r in read_metrics(again / "metrics.jsonl") if r.get("stage") == "rl"]
+    for key in ("loss", "critic/value_loss", "grad_norm"):
+        assert [r[key] for r in resumed[-2:]] == [r[key] for r in rows[-2:]], key

@@ -1,0 +1,48 @@
+"""Sampling: the settings (`Sampling`), the per-(seed, prompt, sample) seed of a response's
+uniforms (`row_seed`), and inverse-CDF sampling with top-p from them (`sample_tokens`), which
+returns each token's log-probability under the temperature: what the trainer recomputes.
+Every model family samples with these, so a prompt's samples do not depend on which other
+prompts share the batch, and the old log-probabilities are the sampled distribution's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling temperature must be > 0 (got {self.temperature}); use a small value such as 1e-3 for near-greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1] (got {self.top_p})")
+
+
+def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{prompt_id}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
+    logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:  # no nucleus to find: the inverse CDF over the vocabulary as it is, no sort
+        cum = logp.exp().cumsum(-1)
+        tokens = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=logp.shape[-1] - 1)
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs, order = logp.exp().sort(dim=-1, descending=True)
+    cum = probs.cumsum(-1)
+    probs = probs * ((cum - probs) < sampling.top_p)  # the smallest set reaching top_p
+    cum = probs.cumsum(-1)
+    pick = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    tokens = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
