@@ -186,9 +186,9 @@ class OmniPolicy(Policy):
         was_training = self.model.training
         self.model.eval()
         gens, offset = [], self.tokenizer.audio_offset
-        for i, prompt in enumerate(batch.prompts):
-            for j in range(n):
-                s = self.model.sample(prompt, sampling, seed, j, self.speaker, self.max_codes, render=False)
+        for i, prompt in enumerate(batch.prompts):  # a prompt's n samples decode as one batch
+            group = self.model.sample_group(prompt, sampling, seed, list(range(n)), self.speaker, self.max_codes, render=False)
+            for j, s in enumerate(group):
                 gens.append(Generation(i, j, s.text_ids + [offset + c for c in s.codes], s.text_logprobs + s.code_logprobs,
                                        self.tokenizer.eot_id in s.text_ids))
         self.model.train(was_training)

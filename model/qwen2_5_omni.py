@@ -237,60 +237,92 @@ class OmniSpeech(nn.Module):
     @torch.no_grad()
     def sample(self, prompt: Prompt, sampling: Sampling, seed: int, index: int = 0, speaker: str = "Chelsie",
                max_codes: int = 256, render: bool = True, timings: dict[str, float] | None = None) -> OmniSample:
-        """One response to `prompt`: text, then codes, then (with `render`) the waveform. Seeded
-        by (seed, prompt id, `index`): the same arguments give the same sample. `timings`, when
-        given, accumulates the seconds of each part (thinker, talker, token2wav)."""
-        import time
+        """One response to `prompt` (see `sample_group`), sample number `index`."""
+        return self.sample_group(prompt, sampling, seed, [index], speaker, max_codes, render, timings)[0]
 
-        from transformers import DynamicCache
-
-        clock = {"t": time.perf_counter()}
-
-        def lap(part: str) -> None:
-            if timings is not None:
-                now = time.perf_counter()
-                timings[part] = timings.get(part, 0.0) + now - clock["t"]
-                clock["t"] = now
-
+    @torch.no_grad()
+    def sample_group(self, prompt: Prompt, sampling: Sampling, seed: int, indices: list[int], speaker: str = "Chelsie",
+                     max_codes: int = 256, render: bool = True,
+                     timings: dict[str, float] | None = None) -> list[OmniSample]:
+        """Responses to `prompt`, one per index, sampled together: text, then codes, then (with
+        `render`) the waveform. The prompt runs once; its rows decode as one batch (they share
+        the prompt's length and positions, so nothing is padded). Each is seeded by (seed,
+        prompt id, index): the same arguments give the same samples, whatever else is in the
+        group. `timings`, when given, accumulates the seconds of each part (thinker, talker,
+        token2wav)."""
+        clock = Laps(timings)
         voice = self.speaker(speaker)
         inputs = self.inputs(prompt)
         embeds, positions = self._prompt_embeddings(inputs)
-        uniforms = torch.rand(sampling.max_new_tokens + max_codes,
-                              generator=torch.Generator().manual_seed(row_seed(seed, prompt.id, index)))
+        uniforms = torch.stack([torch.rand(sampling.max_new_tokens + max_codes,
+                                           generator=torch.Generator().manual_seed(row_seed(seed, prompt.id, i)))
+                                for i in indices]).to(self.device)
+        texts = self._sample_text(embeds, positions, uniforms, sampling)
+        clock.lap("thinker")
+        spoken = [r for r, (ids, _, replies) in enumerate(texts) if replies is not None]  # a one-token answer has none
+        codes = self._sample_codes(inputs, embeds, texts, spoken, uniforms, sampling, voice, max_codes) if spoken else {}
+        clock.lap("talker")
+        out = []
+        for r, (ids, logps, _) in enumerate(texts):
+            cs, cl = codes.get(r, ([], []))
+            wav = self.render(cs, speaker, row_seed(seed, prompt.id + "/token2wav", indices[r])) if render and cs else None
+            out.append(OmniSample(ids, logps, cs, cl, wav))
+        clock.lap("token2wav")
+        return out
+
+    def _sample_text(self, embeds, positions, uniforms, sampling: Sampling) -> list[tuple[list[int], list[float], torch.Tensor | None]]:
+        """The thinker's rows: (ids, log-probabilities, the replies the talker reads [1, T-1, H] or None)."""
+        from transformers import DynamicCache
+
+        R, T = uniforms.shape[0], sampling.max_new_tokens
         cache = DynamicCache(config=self.hf.config.thinker_config.text_config)
-        logits, hidden = self._thinker(embeds, positions, cache)
-        prompt_hidden, position = hidden, int(positions.max()) + 1
-        ids, logps, replies = [], [], []
-        for t in range(sampling.max_new_tokens):
-            token, logp = sample_tokens(logits[:, -1], uniforms[t : t + 1].to(self.device), sampling)
-            ids.append(int(token)), logps.append(float(logp))
-            if ids[-1] in self.stop_ids or t + 1 == sampling.max_new_tokens:
+        logits, self._prompt_hidden = self._thinker(embeds, positions, cache)
+        cache.batch_select_indices(torch.zeros(R, dtype=torch.long, device=self.device))  # the prompt's keys, per row
+        last, position = logits[:, -1].expand(R, -1), int(positions.max()) + 1
+        ids, logps, replies = [[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)]
+        active = list(range(R))
+        for t in range(T):
+            tokens, lps = sample_tokens(last, uniforms[:, t], sampling)
+            for r in active:
+                ids[r].append(int(tokens[r])), logps[r].append(float(lps[r]))
+            active = [r for r in active if ids[r][-1] not in self.stop_ids and t + 1 < T]
+            if not active:
                 break
-            e = self.hf.thinker.get_input_embeddings()(token.view(1, 1))
-            pos = torch.full((3, 1, 1), position + t, device=self.device)
-            logits, h = self._thinker(e, pos, cache)
-            replies.append(h + e)
-        lap("thinker")
-        if len(replies) == 0:  # a one-token answer: the talker has nothing to read
-            return OmniSample(ids, logps, [], [], None)
-        replies_t = torch.cat(replies, dim=1)
-        rows, talk_pos = self._talker_prefix(inputs, embeds, prompt_hidden, replies_t[:, :1], ids[0], voice)
-        tail = self._reply_tail(replies_t, max_codes)
+            e = self.hf.thinker.get_input_embeddings()(tokens.view(R, 1))
+            logits, h = self._thinker(e, torch.full((3, R, 1), position + t, device=self.device), cache)
+            last = logits[:, -1]
+            for r in active:
+                replies[r].append(h[r : r + 1] + e[r : r + 1])
+        return [(ids[r], logps[r], torch.cat(replies[r], dim=1) if replies[r] else None) for r in range(R)]
+
+    def _sample_codes(self, inputs, embeds, texts, rows: list[int], uniforms, sampling: Sampling, voice: dict,
+                      max_codes: int) -> dict[int, tuple[list[int], list[float]]]:
+        """The talker's codes and their log-probabilities for the text rows `rows`, as one batch."""
+        from transformers import DynamicCache
+
+        prefixes, tails = [], []
+        for r in rows:
+            ids, _, replies = texts[r]
+            prefix, talk_pos = self._talker_prefix(inputs, embeds, self._prompt_hidden, replies[:, :1], ids[0], voice)
+            prefixes.append(prefix)
+            tails.append(self._reply_tail(replies, max_codes))
+        B, T0 = len(rows), sampling.max_new_tokens
+        prefix, tail = torch.cat(prefixes), torch.cat(tails)
         cache = DynamicCache(config=self.hf.config.talker_config)
-        logits = self._talker(rows, talk_pos, cache)
+        last = self._talker(prefix, talk_pos.expand(3, B, -1), cache)[:, -1]
         start = int(talk_pos.max()) + 1
-        codes, code_logps = [], []
+        codes, logps = [[] for _ in rows], [[] for _ in rows]
+        active = list(range(B))
         for k in range(max_codes):
-            code, logp = sample_tokens(logits[:, -1], uniforms[sampling.max_new_tokens + k :][:1].to(self.device), sampling)
-            codes.append(int(code)), code_logps.append(float(logp))
-            if codes[-1] in self.code_stops or k + 1 == max_codes:
+            picked, lps = sample_tokens(last, uniforms[rows, T0 + k], sampling)
+            for b in active:
+                codes[b].append(int(picked[b])), logps[b].append(float(lps[b]))
+            active = [b for b in active if codes[b][-1] not in self.code_stops and k + 1 < max_codes]
+            if not active:
                 break
-            e = self.hf.talker.get_input_embeddings()(code.view(1, 1)) + tail[:, k : k + 1]
-            logits = self._talker(e, torch.full((3, 1, 1), start + k, device=self.device), cache)
-        lap("talker")
-        waveform = self.render(codes, speaker, row_seed(seed, prompt.id + "/token2wav", index)) if render else None
-        lap("token2wav")
-        return OmniSample(ids, logps, codes, code_logps, waveform)
+            e = self.hf.talker.get_input_embeddings()(picked.view(B, 1)) + tail[:, k : k + 1]
+            last = self._talker(e, torch.full((3, B, 1), start + k, device=self.device), cache)[:, -1]
+        return {r: (codes[b], logps[b]) for b, r in enumerate(rows)}
 
     @torch.no_grad()
     def render(self, codes: list[int], speaker: str, seed: int) -> np.ndarray | None:
@@ -350,6 +382,21 @@ class OmniSpeech(nn.Module):
         speech_dist = torch.log_softmax(code_logits / temperature, -1)
         speech = speech_dist.gather(-1, torch.tensor(codes, device=self.device)[:, None])[:, 0]
         return text, speech, torch.cat([_entropy(text_dist), _entropy(speech_dist)]) if entropy else None
+
+
+class Laps:
+    """Seconds between calls of `lap`, added to `timings[part]` (nothing when `timings` is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        import time
+
+        self.timings, self.clock, self.t = timings, time.perf_counter, time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.timings is not None:
+            now = self.clock()
+            self.timings[part] = self.timings.get(part, 0.0) + now - self.t
+            self.t = now
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,19 @@ def test_a_folder_that_is_not_qwen2_5_omni_is_named(released: Path, tmp_path: Pa
         OmniSpeech.load(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"speaker 'Serena' is not one of this checkpoint's voices \(Chelsie, Ethan"):
         omni.sample(_prompts()[1], Sampling(max_new_tokens=4), seed=0, speaker="Serena")
+
+
+def test_a_group_decodes_together_as_its_samples_do_alone(omni: OmniSpeech) -> None:
+    """Four samples of one prompt in one batch: each is the sample drawn alone with its index
+    (the same text and codes; log-probabilities within 1e-5; the same waveform)."""
+    prompt, sampling = _prompts()[0], Sampling(temperature=1.2, max_new_tokens=8)
+    group = omni.sample_group(prompt, sampling, seed=5, indices=[0, 1, 2, 3], max_codes=20)
+    for index, together in enumerate(group):
+        alone = omni.sample(prompt, sampling, seed=5, index=index, max_codes=20)
+        assert (together.text_ids, together.codes) == (alone.text_ids, alone.codes)
+        assert together.text_logprobs == pytest.approx(alone.text_logprobs, abs=1e-5)
+        assert together.code_logprobs == pytest.approx(alone.code_logprobs, abs=1e-5)
+        assert (together.waveform is None) == (alone.waveform is None)
+        if alone.waveform is not None:
+            assert np.array_equal(together.waveform, alone.waveform)
+    assert len({tuple(s.codes) for s in group}) > 1  # the samples differ
