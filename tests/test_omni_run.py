@@ -150,3 +150,21 @@ def test_ppo_with_a_two_stream_critic_trains_and_resumes_bitwise(released: Path,
     resumed = [r for r in read_metrics(again / "metrics.jsonl") if r.get("stage") == "rl"]
     for key in ("loss", "critic/value_loss", "grad_norm"):
         assert [r[key] for r in resumed[-2:]] == [r[key] for r in rows[-2:]], key
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_on_the_existing_rewards(released: Path, tmp_path: Path) -> None:
+    """The run loop's two stages on Qwen2.5-Omni: SFT on the synthetic tasks' text targets (the
+    thinker), then GRPO on both parts, scored by correctness on the text, the embedded recognizer
+    on token2wav's waveform (resampled to its rate), and the waveform's duration."""
+    rewards = ("rewards=[{name: correctness, weight: 0.3}, {name: speech_consistency, weight: 0.3, "
+               "params: {against: reference, reference_key: answer}}, {name: speech_duration, weight: 0.4, "
+               "params: {target_s: 0.1, tolerance_s: 0.5}}]")
+    run = _train(released, tmp_path / "run", "sft.steps=2", "sft.batch_size=2", "data.sft_tasks=[{name: arithmetic, n: 8}]",
+                 "rl.steps=2", "rl.train_parts=[thinker,talker]", rewards)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["sft", "sft", "rl", "rl"]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    for r in rows[2:]:
+        for name in ("correctness", "speech_consistency", "speech_duration"):
+            assert 0.0 <= r[f"reward/{name}"] <= 1.0, name
