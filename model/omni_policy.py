@@ -19,8 +19,6 @@ is id `audio_offset + c`). So:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,23 +88,22 @@ class RenderedSpeech:
 
 
 class OmniVoice:
-    """The detokenizer side: token2wav with the policy's speaker. The noise token2wav starts
-    from is seeded by the codes, so the same codes always give the same waveform."""
+    """The detokenizer side: token2wav with the policy's speaker (the same codes always give
+    the same waveform, see `OmniSpeech.render`)."""
 
     registered_name = None
-
-    def encode(self, speech: str, style: dict | None = None) -> list[int]:
-        """An SFT target's speech as codes: not derivable from its text, so the target trains the
-        thinker's text only (codec targets are not supported yet)."""
-        return []
 
     def __init__(self, omni: OmniSpeech, speaker: str) -> None:
         self.omni, self.speaker = omni, speaker
         omni.speaker(speaker)  # refuse an unknown voice now, naming the checkpoint's
 
+    def encode(self, speech: str, style: dict | None = None) -> list[int]:
+        """An SFT target's speech given only as text: codes cannot be derived from it, so such a
+        target trains the thinker's text only (give `response.codes` to train the talker)."""
+        return []
+
     def render(self, codes: Sequence[int]) -> RenderedSpeech:
-        seed = int.from_bytes(hashlib.blake2b(str(list(codes)).encode(), digest_size=8).digest(), "little") >> 1
-        wav = self.omni.render(list(codes), self.speaker, seed)
+        wav = self.omni.render(list(codes), self.speaker)
         return RenderedSpeech(wav if wav is not None else np.zeros(0, np.float32), OUTPUT_RATE)
 
 
@@ -187,7 +184,9 @@ class OmniPolicy(Policy):
         self.model.eval()
         gens, offset = [], self.tokenizer.audio_offset
         for i, prompt in enumerate(batch.prompts):  # a prompt's n samples decode as one batch
-            group = self.model.sample_group(prompt, sampling, seed, list(range(n)), self.speaker, self.max_codes, render=False)
+            inputs = _inputs(torch.tensor([batch.ids[i]], device=self.device), batch.encoded[i])
+            group = self.model.sample_group(prompt, sampling, seed, list(range(n)), self.speaker, self.max_codes,
+                                            render=False, inputs=inputs)
             for j, s in enumerate(group):
                 gens.append(Generation(i, j, s.text_ids + [offset + c for c in s.codes], s.text_logprobs + s.code_logprobs,
                                        self.tokenizer.eot_id in s.text_ids))
@@ -198,26 +197,24 @@ class OmniPolicy(Policy):
     def logprobs_and_entropy(self, batch: SequenceBatch, temperature: float = 1.0,
                              entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probabilities of both parts' tokens, row by row: [B, R]."""
-        B, R = batch.response_mask.shape
-        taken = torch.zeros(B, R, device=self.device)
-        ent = torch.zeros(B, R, device=self.device) if entropy else None
-        clips = np.cumsum([0, *(batch.clips_per_row or [0] * B)])
-        for r in range(B):
-            inputs = self._row_inputs(batch, r, batch.encoded[clips[r] : clips[r + 1]])
-            n = int(batch.response_mask[r].sum())
-            text, codes = self.tokenizer.split(batch.input_ids[r, batch.prompt_len : batch.prompt_len + n].tolist())
+        taken = torch.zeros(batch.response_mask.shape, device=self.device)
+        ent = torch.zeros_like(taken) if entropy else None
+        for r, inputs, text, codes in self._rows(batch):
             t, c, e = self.model.logprobs(inputs, text, codes, temperature, self.speaker, entropy)
-            taken = taken.index_put((torch.tensor([r]), torch.arange(n)), torch.cat([t, c]))
+            taken[r, : len(text) + len(codes)] = torch.cat([t, c])
             if entropy:
-                ent[r, :n] = e
+                ent[r, : len(text) + len(codes)] = e
         return taken * batch.response_mask, (ent * batch.response_mask if entropy else None)
 
-    def _row_inputs(self, batch: SequenceBatch, row: int, clips: list[torch.Tensor]) -> OmniInputs:
-        P = batch.prompt_len
-        ids = batch.input_ids[row : row + 1, :P][:, batch.attention_mask[row, :P].bool()]
-        if not clips:
-            return OmniInputs(ids, None, None)
-        return OmniInputs(ids, clips[0].unsqueeze(0), clips[1].unsqueeze(0))
+    def _rows(self, batch: SequenceBatch):
+        """Per row of `batch`: (row, its prompt's inputs, its text ids, its codes)."""
+        B, P = batch.response_mask.shape[0], batch.prompt_len
+        clips = np.cumsum([0, *(batch.clips_per_row or [0] * B)])
+        for r in range(B):
+            ids = batch.input_ids[r : r + 1, :P][:, batch.attention_mask[r, :P].bool()]
+            n = int(batch.response_mask[r].sum())
+            text, codes = self.tokenizer.split(batch.input_ids[r, P : P + n].tolist())
+            yield r, _inputs(ids, batch.encoded[clips[r] : clips[r + 1]]), text, codes
 
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         raise NotImplementedError("Qwen2.5-Omni's two streams have two vocabularies: use logprobs_and_entropy")
@@ -232,40 +229,26 @@ class OmniPolicy(Policy):
         """[B, R, Ht + Hc]: at a text token, the thinker's last hidden state that predicts it in the
         first Ht columns; at a code, the talker's in the last Hc (zeros elsewhere). One linear head
         over it (PPO's critic) is thus one value head per stream."""
-        B, R = batch.response_mask.shape
         width = self.model.hf.config.thinker_config.text_config.hidden_size
-        out = torch.zeros(B, R, self.hidden_size, device=self.device)
-        clips = np.cumsum([0, *(batch.clips_per_row or [0] * B)])
-        for r in range(B):
-            inputs = self._row_inputs(batch, r, batch.encoded[clips[r] : clips[r + 1]])
-            n = int(batch.response_mask[r].sum())
-            text, codes = self.tokenizer.split(batch.input_ids[r, batch.prompt_len : batch.prompt_len + n].tolist())
+        out = torch.zeros(*batch.response_mask.shape, self.hidden_size, device=self.device)
+        for r, inputs, text, codes in self._rows(batch):
             _, text_hidden, _, code_hidden = self.model.teacher_forced(inputs, text, codes, self.speaker)
-            rows = torch.arange(len(text), device=self.device)
-            out = out.index_put((torch.tensor([r]), rows[:, None], torch.arange(width)[None]), text_hidden.float())
+            out[r, : len(text), :width] = text_hidden.float()
             if code_hidden is not None:
-                rows = len(text) + torch.arange(len(codes), device=self.device)
-                out = out.index_put((torch.tensor([r]), rows[:, None], width + torch.arange(code_hidden.shape[-1])[None]),
-                                    code_hidden.float())
+                out[r, len(text) : len(text) + len(codes), width:] = code_hidden.float()
         return out
 
     def train_language_model(self) -> None:
         """Full weights: the language models of `train_parts` train."""
         self.set_train_parts(self.train_parts)
 
-    # -- the reference -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def reference(self):
-        if self.lora:  # the base model, adapters disabled (Policy's)
-            with super().reference() as ref:
-                yield ref
-            return
-        if self._reference is None:
-            raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
-        ref = OmniPolicy.__new__(OmniPolicy)
-        ref.__dict__.update(self.__dict__)
-        ref.model, ref.lora = self._reference, False
-        yield ref
+
+def _inputs(ids: torch.Tensor, clips: list[torch.Tensor]) -> OmniInputs:
+    """A prompt's ids [1, L] and its encoded clips as `encode_prompts` keeps them: [] (typed) or
+    [features, feature mask] (spoken)."""
+    if not clips:
+        return OmniInputs(ids, None, None)
+    return OmniInputs(ids, clips[0].unsqueeze(0), clips[1].unsqueeze(0))
 
 
 def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,

@@ -478,6 +478,4 @@ class Policy:
             return
         if self._reference is None:
             raise RuntimeError("a full-weight policy has no reference until keep_reference() copies its weights")
-        ref = Policy(self._reference, self.tokenizer, self.detokenizer)
-        ref.shared_prompt_forward, ref.forward_engine = self.shared_prompt_forward, self.forward_engine
-        yield ref
+        yield self.with_model(self._reference)  # this policy's class and settings over the frozen copy

@@ -26,6 +26,7 @@ trains that part (see `logprobs`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +105,7 @@ class OmniSpeech(nn.Module):
         self.audio_id = tc.audio_token_index
         self.stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         talker = hf_model.talker
-        self.codec = {"pad": talker.codec_pad_token, "bos": talker.codec_bos_token, "eos": talker.codec_eos_token,
-                      "mask": talker.codec_mask_token}
+        self.codec = {"pad": talker.codec_pad_token, "bos": talker.codec_bos_token, "eos": talker.codec_eos_token}
         renderable = hf_model.config.token2wav_config.dit_config.num_embeds
         self.code_stops = [self.codec["eos"], self.codec["pad"]]
         allowed = torch.zeros(talker.config.vocab_size, dtype=torch.bool)
@@ -242,41 +242,43 @@ class OmniSpeech(nn.Module):
 
     @torch.no_grad()
     def sample_group(self, prompt: Prompt, sampling: Sampling, seed: int, indices: list[int], speaker: str = "Chelsie",
-                     max_codes: int = 256, render: bool = True,
-                     timings: dict[str, float] | None = None) -> list[OmniSample]:
+                     max_codes: int = 256, render: bool = True, timings: dict[str, float] | None = None,
+                     inputs: OmniInputs | None = None) -> list[OmniSample]:
         """Responses to `prompt`, one per index, sampled together: text, then codes, then (with
         `render`) the waveform. The prompt runs once; its rows decode as one batch (they share
         the prompt's length and positions, so nothing is padded). Each is seeded by (seed,
         prompt id, index): the same arguments give the same samples, whatever else is in the
         group. `timings`, when given, accumulates the seconds of each part (thinker, talker,
-        token2wav)."""
+        token2wav). `inputs` is `self.inputs(prompt)` when the caller has it already."""
         clock = Laps(timings)
         voice = self.speaker(speaker)
-        inputs = self.inputs(prompt)
+        inputs = inputs if inputs is not None else self.inputs(prompt)
         embeds, positions = self._prompt_embeddings(inputs)
         uniforms = torch.stack([torch.rand(sampling.max_new_tokens + max_codes,
                                            generator=torch.Generator().manual_seed(row_seed(seed, prompt.id, i)))
                                 for i in indices]).to(self.device)
-        texts = self._sample_text(embeds, positions, uniforms, sampling)
+        texts, prompt_hidden = self._sample_text(embeds, positions, uniforms, sampling)
         clock.lap("thinker")
         spoken = [r for r, (ids, _, replies) in enumerate(texts) if replies is not None]  # a one-token answer has none
-        codes = self._sample_codes(inputs, embeds, texts, spoken, uniforms, sampling, voice, max_codes) if spoken else {}
+        codes = (self._sample_codes(inputs, embeds, prompt_hidden, texts, spoken, uniforms, sampling, voice, max_codes)
+                 if spoken else {})
         clock.lap("talker")
         out = []
         for r, (ids, logps, _) in enumerate(texts):
             cs, cl = codes.get(r, ([], []))
-            wav = self.render(cs, speaker, row_seed(seed, prompt.id + "/token2wav", indices[r])) if render and cs else None
-            out.append(OmniSample(ids, logps, cs, cl, wav))
+            out.append(OmniSample(ids, logps, cs, cl, self.render(cs, speaker) if render and cs else None))
         clock.lap("token2wav")
         return out
 
-    def _sample_text(self, embeds, positions, uniforms, sampling: Sampling) -> list[tuple[list[int], list[float], torch.Tensor | None]]:
-        """The thinker's rows: (ids, log-probabilities, the replies the talker reads [1, T-1, H] or None)."""
+    def _sample_text(self, embeds, positions, uniforms,
+                     sampling: Sampling) -> tuple[list[tuple[list[int], list[float], torch.Tensor | None]], torch.Tensor]:
+        """The thinker's rows: (ids, log-probabilities, the replies the talker reads [1, T-1, H] or
+        None), and the prompt's last hidden states [1, L, H]."""
         from transformers import DynamicCache
 
         R, T = uniforms.shape[0], sampling.max_new_tokens
         cache = DynamicCache(config=self.hf.config.thinker_config.text_config)
-        logits, self._prompt_hidden = self._thinker(embeds, positions, cache)
+        logits, prompt_hidden = self._thinker(embeds, positions, cache)
         cache.batch_select_indices(torch.zeros(R, dtype=torch.long, device=self.device))  # the prompt's keys, per row
         last, position = logits[:, -1].expand(R, -1), int(positions.max()) + 1
         ids, logps, replies = [[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)]
@@ -293,17 +295,17 @@ class OmniSpeech(nn.Module):
             last = logits[:, -1]
             for r in active:
                 replies[r].append(h[r : r + 1] + e[r : r + 1])
-        return [(ids[r], logps[r], torch.cat(replies[r], dim=1) if replies[r] else None) for r in range(R)]
+        return [(ids[r], logps[r], torch.cat(replies[r], dim=1) if replies[r] else None) for r in range(R)], prompt_hidden
 
-    def _sample_codes(self, inputs, embeds, texts, rows: list[int], uniforms, sampling: Sampling, voice: dict,
-                      max_codes: int) -> dict[int, tuple[list[int], list[float]]]:
+    def _sample_codes(self, inputs, embeds, prompt_hidden, texts, rows: list[int], uniforms, sampling: Sampling,
+                      voice: dict, max_codes: int) -> dict[int, tuple[list[int], list[float]]]:
         """The talker's codes and their log-probabilities for the text rows `rows`, as one batch."""
         from transformers import DynamicCache
 
         prefixes, tails = [], []
         for r in rows:
             ids, _, replies = texts[r]
-            prefix, talk_pos = self._talker_prefix(inputs, embeds, self._prompt_hidden, replies[:, :1], ids[0], voice)
+            prefix, talk_pos = self._talker_prefix(inputs, embeds, prompt_hidden, replies[:, :1], ids[0], voice)
             prefixes.append(prefix)
             tails.append(self._reply_tail(replies, max_codes))
         B, T0 = len(rows), sampling.max_new_tokens
@@ -325,13 +327,15 @@ class OmniSpeech(nn.Module):
         return {r: (codes[b], logps[b]) for b, r in enumerate(rows)}
 
     @torch.no_grad()
-    def render(self, codes: list[int], speaker: str, seed: int) -> np.ndarray | None:
-        """token2wav's 24 kHz waveform of `codes` (its stop code dropped), its noise seeded by `seed`."""
+    def render(self, codes: list[int], speaker: str) -> np.ndarray | None:
+        """token2wav's 24 kHz waveform of `codes` (its stop code dropped). The noise it starts from
+        is seeded by the codes: the same codes always give the same waveform."""
         spoken = [c for c in codes if c not in self.code_stops]
         if not spoken:
             return None
         voice = self.speaker(speaker)
         t2w = self.hf.token2wav
+        seed = int.from_bytes(hashlib.blake2b(str(spoken).encode(), digest_size=8).digest(), "little") >> 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             wav = t2w(torch.tensor([spoken], device=self.device), conditioning=voice["cond"].to(self.device).float(),
