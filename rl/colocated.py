@@ -22,7 +22,7 @@ from __future__ import annotations
 from vocalign.common.ray_cluster import shard_bounds
 from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
-from vocalign.rollouts.contract import PendingRollouts
+from vocalign.rollouts.contract import PendingRollouts, join_shards
 from vocalign.rollouts.sync import WeightSyncError
 
 from .trainer_group import TrainerGroup
@@ -51,13 +51,7 @@ class RankRollouts:
         return PendingRollouts(prompts, n, self.version, [a for a, _ in bounds], calls)
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
-        rollouts: list[Rollout] = []
-        for start, shard in zip(pending.starts, self.group.gather(pending.calls, "generation")):
-            for r in shard:
-                r.prompt = pending.prompts[start + r.group]
-                r.group += start
-            rollouts += shard
-        return rollouts
+        return join_shards(pending, self.group.gather(pending.calls, "generation"))
 
     def sync(self, state: dict, version: int) -> dict[str, float]:
         """Nothing to send: the ranks hold the weights they trained. Stamps `version`."""
@@ -66,7 +60,7 @@ class RankRollouts:
 
     def verify(self, version: int, checksum: str) -> None:
         """Raise `WeightSyncError` unless every rank's policy holds the state with `checksum`."""
-        held = self.group.on_ranks("policy_checksum", what="weight check")
+        held = self.group.policy_checksums()  # read by the update's weight check, not again
         wrong = [f"rank {r} holds checksum {c}" for r, c in enumerate(held) if c != checksum]
         if version != self.version or wrong:
             raise WeightSyncError(

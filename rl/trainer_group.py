@@ -147,11 +147,6 @@ class TrainerRank:
             r.prompt = None  # type: ignore[assignment]
         return rollouts
 
-    def policy_checksum(self) -> str:
-        """`state_checksum` of the policy's trainable state (collective under ZeRO-3)."""
-        with self.update.full_parameters():
-            return state_checksum({k: v.detach().cpu() for k, v in self.policy.trainable_state().items()})
-
     def node(self) -> str:
         """The Ray node this rank runs on (the host name outside Ray)."""
         import socket
@@ -160,16 +155,17 @@ class TrainerRank:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
 
-    def weights(self, send: bool) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """(checksum of the policy's and the critic's trainable state, and, with `send`, the two
-        states on the CPU). Every rank must call it: under ZeRO-3 reading the weights is collective."""
+    def weights(self, send: bool) -> tuple[str, str, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """(checksum of the policy's and the critic's trainable state, checksum of the policy's
+        alone, and, with `send`, the two states on the CPU). Every rank must call it: under ZeRO-3
+        reading the weights is collective."""
         with self.update.full_parameters(), contextlib.ExitStack() as stack:
             if self.update.critic_backend is not None:
                 stack.enter_context(self.update.critic_backend.full_parameters())
             policy = {k: v.detach().cpu() for k, v in self.policy.trainable_state().items()}
             critic = {k: v.cpu() for k, v in self.critic.trainable_state().items()} if self.critic is not None else None
         both = {**policy, **{f"critic.{k}": v for k, v in (critic or {}).items()}}
-        return state_checksum(both), (policy if send else None), (critic if send else None)
+        return state_checksum(both), state_checksum(policy), (policy if send else None), (critic if send else None)
 
     def save(self, folder: str) -> None:
         self.update.save(Path(folder))
@@ -220,6 +216,7 @@ class TrainerGroup:
         self.policy, self.critic, self.world = policy, critic, world
         self.collective_save = config.backend == "deepspeed"
         self.last_comm: dict[str, float] = {}
+        self._policy_checksums: list[str] | None = None
 
     # -- calls on the ranks (Ray actor calls here; rl/spmd.py overrides the two) -----------
     def submit(self, method: str, args: list[tuple | None]) -> list:
@@ -266,15 +263,23 @@ class TrainerGroup:
     def _take_weights(self) -> None:
         """Rank 0's trainable state into the driver's policy (and critic); every rank must hold the same."""
         held = self.gather(self.submit("weights", [(r == 0,) for r in range(self.world)]), "weight check")
-        _, state, critic = held[0]
+        self._policy_checksums = [policy for _, policy, _, _ in held]
+        _, _, state, critic = held[0]
         device = self.policy.device
         self.policy.load_trainable_state({k: v.to(device) for k, v in state.items()})
         if critic is not None:
             self.critic.load_trainable_state(critic)
-        wrong = [r for r, (checksum, _, _) in enumerate(held) if checksum != held[0][0]]
+        wrong = [r for r, (checksum, _, _, _) in enumerate(held) if checksum != held[0][0]]
         if wrong:
             raise TrainerGroupError(f"trainer ranks {wrong} hold other weights than rank 0 after the same update: their "
                                     f"gradients were not summed alike; the run cannot go on")
+
+    def policy_checksums(self) -> list[str]:
+        """Each rank's `state_checksum` of its policy's trainable state, as the last weight check
+        read it (every update ends with one); read now before the first."""
+        if self._policy_checksums is None:
+            self._policy_checksums = [policy for _, policy, _, _ in self.on_ranks("weights", False, what="weight check")]
+        return self._policy_checksums
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the driver's policy holds the whole weights

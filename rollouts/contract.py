@@ -28,6 +28,18 @@ class PendingRollouts:
     local: list[Rollout] | None = None  # generated already (in-process)
 
 
+def join_shards(pending: PendingRollouts, shards: list[list[Rollout]]) -> list[Rollout]:
+    """The shards' rollouts in prompt order, each given back its prompt (shards leave it out)
+    and its group index in the whole batch."""
+    rollouts: list[Rollout] = []
+    for start, shard in zip(pending.starts, shards):
+        for r in shard:
+            r.prompt = pending.prompts[start + r.group]
+            r.group += start
+        rollouts += shard
+    return rollouts
+
+
 @runtime_checkable
 class RolloutSource(Protocol):
     """Generates rollouts with weights it can prove it holds."""

@@ -33,7 +33,7 @@ from vocalign.data.types import Prompt, Rollout
 from vocalign.model.policy import Policy, Sampling
 
 from .actors import PLACEMENTS, ActorCall, ActorPool, RolloutWorkerError
-from .contract import PendingRollouts
+from .contract import PendingRollouts, join_shards
 from .sync import WeightSyncError, snapshot_policy, state_bytes
 from .worker import RolloutActor
 
@@ -153,12 +153,7 @@ class RolloutGroup:
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
         """The rollouts of `generate_async`, in prompt order, replacing workers that fail."""
-        rollouts: list[Rollout] = []
-        for start, shard in zip(pending.starts, self.pool.run(pending.calls)):
-            for r in shard:
-                r.prompt = pending.prompts[start + r.group]
-                r.group += start
-            rollouts += shard
+        rollouts = join_shards(pending, self.pool.run(pending.calls))
         if len(rollouts) != pending.n * len(pending.prompts):
             raise RolloutWorkerError(
                 f"the workers returned {len(rollouts)} rollouts for {len(pending.prompts)} prompts x {pending.n} samples"
