@@ -49,19 +49,20 @@ def save_policy(policy: Policy, folder: str | Path) -> None:
         (folder / VOCALIGN_META).write_text(json.dumps({"detokenizer": name}))
 
 
-def load_policy(folder: str | Path, detokenizer: str | None = None, **omni: Any) -> Policy:
+def load_policy(folder: str | Path, detokenizer: str | None = None, **options: Any) -> Policy:
     """Load a policy saved by `save_policy` (or `vocalign export`), or a local Qwen2-Audio or
     Qwen2.5-Omni checkpoint. `detokenizer` (a registered name) gives a Qwen2-Audio model speech
-    tokens; a folder saved by vocalign names its own, and a different one is refused. `omni`
-    (speaker, max_codes, system) configures a Qwen2.5-Omni model (`load_omni_policy`)."""
+    tokens; a folder saved by vocalign names its own, and a different one is refused. `options`
+    give a checkpoint's `dtype` and a Qwen2.5-Omni model's speaker, max_codes and system prompt
+    (`load_omni_policy`)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).exists():
         config = folder / "config.json"
         if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen2_5_omni":
             from .omni_policy import load_omni_policy
 
-            return load_omni_policy(folder, **{k: v for k, v in omni.items() if v is not None})
-        dtype = getattr(torch, omni.get("dtype") or "float32")
+            return load_omni_policy(folder, **{k: v for k, v in options.items() if v is not None})
+        dtype = getattr(torch, options.get("dtype") or "float32")
         if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen2_audio":
             from .hf_audio import load_qwen2_audio_policy
 

@@ -59,7 +59,7 @@ def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
     policy.forward_engine = recipe.rl.forward_engine
     return policy
 
-def omni_options(recipe: Recipe) -> dict:
+def checkpoint_options(recipe: Recipe) -> dict:
     """What `load_policy` passes to a checkpoint's model: the dtype, and Qwen2.5-Omni's voice,
     code limit and system prompt (which the other models ignore)."""
     m = recipe.model
@@ -208,7 +208,7 @@ def prepare(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict
     say(tracker.wandb_status())
     if resume_from:
         say(f"resuming from {resume_from} (step {state['step']}, stage {state['stage']})")
-    policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer, **omni_options(recipe)) if recipe.model.path
+    policy: Policy = (load_policy(recipe.model.path, recipe.model.detokenizer, **checkpoint_options(recipe)) if recipe.model.path
                       else embedded_policy(recipe.run.seed, recipe.model.max_audio_seconds))
     configure_policy(policy, recipe)
     n_params = sum(p.numel() for p in policy.model.parameters())
@@ -228,7 +228,7 @@ def sft_stage(run: Run) -> None:
     cfg, recipe, state = run.recipe.sft, run.recipe, run.state
     done = state.get("stage") == "rl" or (state.get("stage") == "sft" and state["stage_step"] >= cfg.steps)
     if run.resuming("sft"):
-        run.policy = configure_policy(load_policy(run.resume_from, **omni_options(recipe)), recipe)
+        run.policy = configure_policy(load_policy(run.resume_from, **checkpoint_options(recipe)), recipe)
     if cfg.steps == 0 or done:
         return
     sft = SFTTrainer(run.policy, run.sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, recipe.run.seed)
@@ -271,9 +271,9 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     recipe, cfg = run.recipe, run.recipe.rl
     base = run.run_dir / "checkpoints" / "base"  # the weights RL starts from
     if run.resuming("rl"):
-        run.policy = configure_policy(load_policy(base if lora else run.resume_from, **omni_options(recipe)), recipe)
+        run.policy = configure_policy(load_policy(base if lora else run.resume_from, **checkpoint_options(recipe)), recipe)
         if not lora and recipe.kl.coef > 0:
-            run.policy.keep_reference(place(load_policy(base), recipe).model)  # the reference is where RL started
+            run.policy.keep_reference(place(load_policy(base, **checkpoint_options(recipe)), recipe).model)  # where RL started
     elif lora or recipe.kl.coef > 0:
         save_base(run.policy, run.run_dir)  # adapter checkpoints refer to it; a full-weight reference reloads from it
     critic = None
