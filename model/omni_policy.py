@@ -39,6 +39,13 @@ PARTS = ("thinker", "talker")
 PART_PREFIX = {"thinker": ("thinker.model.language_model.", "thinker.lm_head."), "talker": ("talker.",)}
 
 
+def parts_problem(parts: Sequence[str]) -> str | None:
+    """What is wrong with `rl.train_parts` for Qwen2.5-Omni, or None."""
+    if not parts or any(p not in PARTS for p in parts):
+        return f"rl.train_parts={list(parts)}: Qwen2.5-Omni's trainable parts are {', '.join(PARTS)}; name one or both"
+    return None
+
+
 class OmniTokens:
     """The tokenizer side of the combined stream: text ids below `audio_offset`, codes above."""
 
@@ -119,10 +126,9 @@ class OmniPolicy(Policy):
 
     # -- what trains ---------------------------------------------------------------------
     def set_train_parts(self, parts: Sequence[str]) -> None:
-        unknown = [p for p in parts if p not in PARTS]
-        if unknown or not parts:
-            raise ValueError(f"rl.train_parts={list(parts)}: Qwen2.5-Omni's trainable parts are {', '.join(PARTS)}; "
-                             "name one or both")
+        problem = parts_problem(parts)
+        if problem:
+            raise ValueError(problem)
         self.train_parts = list(parts)
         if not self.lora:
             for name, p in self.model.hf.named_parameters():

@@ -325,7 +325,7 @@ def _omni_problems(recipe: Recipe) -> list[str]:
     """rl.train_parts and the Omni model settings: only for a Qwen2.5-Omni model.path."""
     from pathlib import Path
 
-    from vocalign.model.omni_policy import PARTS
+    from vocalign.model.omni_policy import PARTS, parts_problem
 
     parts, problems = recipe.rl.train_parts, []
     if recipe.model.path and not (Path(recipe.model.path) / "config.json").is_file():
@@ -338,9 +338,8 @@ def _omni_problems(recipe: Recipe) -> list[str]:
             problems.append(f"model.speaker={recipe.model.speaker!r} picks a Qwen2.5-Omni voice; model.path is not a "
                             "Qwen2.5-Omni checkpoint: remove it")
         return problems
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        problems.append(f"rl.train_parts={parts}: Qwen2.5-Omni's trainable parts are {', '.join(PARTS)}; name one or both")
+    if parts_problem(parts):
+        problems.append(parts_problem(parts))
     if recipe.model.max_speech_tokens < 1:
         problems.append(f"model.max_speech_tokens={recipe.model.max_speech_tokens} must be at least 1")
     if recipe.model.detokenizer is not None:
