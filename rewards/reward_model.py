@@ -161,7 +161,8 @@ def _load(folder: Path) -> LoadedRewardModel:
 def reward_model(
     rollouts: list[Rollout],
     *,
-    path: str,
+    path: str | None = None,
+    stage: str | None = None,
     source: str = "auto",
     asr: str = "embedded",
     normalize: str = "sigmoid",
@@ -169,7 +170,9 @@ def reward_model(
     """A learned preference score of the response to the question; sigmoid(score) in (0, 1) by default.
 
     `path`: a folder saved by `train_reward_model` (a reward_model recipe's
-    runs/<run>/reward_model). `source`: what is scored: "text", "spoken_text", "transcript"
+    runs/<run>/reward_model), or by a staged recipe's `reward_model` stage (a reward model
+    that hears the question: `vocalign.rewards.hearing_reward_model`); in a staged recipe
+    `stage` names that stage instead, and the run fills in its folder. `source`: what is scored: "text", "spoken_text", "transcript"
     (the speech transcribed by the `asr` recognizer; None without speech) or "auto" (the
     transcript when the rollout has speech, else the text). `normalize`: "sigmoid" (the
     probability that the response is preferred to a response scored 0, about a typical
@@ -179,10 +182,17 @@ def reward_model(
         raise ValueError(f"reward_model: source={source!r} is not known; use one of {', '.join(SOURCES)}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"reward_model: normalize={normalize!r} is not known; use one of {', '.join(NORMALIZATIONS)}")
-    model = load_reward_model(path)
+    if path is None:
+        raise ValueError(f"reward_model: no path; give path=FOLDER (a saved reward model)"
+                         + (f", or run the staged recipe that trains stage {stage!r}" if stage else ""))
     responses = _responses(rollouts, source, asr)
     scored = [i for i, text in enumerate(responses) if text is not None]
-    raw = model.score([_question(rollouts[i]) for i in scored], [responses[i] for i in scored])
+    from .hearing_reward_model import is_hearing_reward_model, load_hearing_reward_model
+
+    if is_hearing_reward_model(path):  # it hears the question: the prompt itself, audio included
+        raw = load_hearing_reward_model(path).score([rollouts[i].prompt for i in scored], [responses[i] for i in scored])
+    else:
+        raw = load_reward_model(path).score([_question(rollouts[i]) for i in scored], [responses[i] for i in scored])
     scores: list[float | None] = [None] * len(rollouts)
     for i, value in zip(scored, raw):
         scores[i] = 1.0 / (1.0 + math.exp(-value)) if normalize == "sigmoid" else value

@@ -29,11 +29,12 @@ and longer runs. All randomness comes from
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from vocalign.data.synthetic import number_to_words
+from vocalign.data.types import Prompt
 
 PAIR_KINDS = ("heard", "on_topic", "concise", "polite", "correct")
 DEFAULT_KINDS = ("on_topic", "concise", "polite")
@@ -69,6 +70,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     kind: str
+    # the spoken question (its audio and chat turn) for a reward model that hears; None: text only
+    prompt: Prompt | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -168,8 +171,36 @@ def _worded(wording: str, value: int, spoken: str) -> str:
     return wording.format(d=value, w=number_to_words(value), q=spoken)
 
 
-def _pair(kind: str, rng: np.random.Generator, max_operand: int) -> PreferencePair:
-    operation, question, answer = _question(rng, max_operand)
+def spoken_pairs(prompts: Sequence[Prompt], seed: int, kinds: Sequence[str] = PAIR_KINDS, max_operand: int = 9,
+                 exclude: Iterable[PreferencePair] = ()) -> list[PreferencePair]:
+    """A pair per spoken arithmetic prompt (the `arithmetic` task's, whose meta holds the
+    operands and operator), the kinds in turn, each carrying its prompt: the question as
+    heard. Pairs repeating a (question, chosen, rejected) of `exclude` are drawn again
+    (a held-out set's rule)."""
+    _check_kinds(kinds)
+    excluded = {p.key for p in exclude}
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        if "operands" not in prompt.meta or "op" not in prompt.meta:
+            raise ValueError(f"spoken preference pairs: prompt {prompt.id!r} is not a spoken arithmetic question "
+                             "(its meta has no operands and op); make the questions with the arithmetic task")
+        a, b = prompt.meta["operands"]
+        for _ in range(100):
+            pair = _pair(kinds[i % len(kinds)], rng, max_operand, (int(a), str(prompt.meta["op"]), int(b)))
+            if pair.key not in excluded:
+                break
+        pairs.append(PreferencePair(pair.question, pair.chosen, pair.rejected, pair.kind, prompt))
+    return pairs
+
+
+def _pair(kind: str, rng: np.random.Generator, max_operand: int,
+          operation: tuple[int, str, int] | None = None) -> PreferencePair:
+    if operation is None:
+        operation, question, answer = _question(rng, max_operand)
+    else:
+        spoken_question, answer = _spoken(*operation)
+        question = f"what is {spoken_question}"
     spoken = _spoken(*operation)[0]
     wording = _pick(rng, _ANSWER_WORDINGS)
     right = _worded(wording, answer, spoken)
