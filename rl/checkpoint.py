@@ -112,8 +112,14 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
-def save_base(policy: Policy, run_dir: Path) -> Path:
-    return _write_atomically(Path(run_dir) / "checkpoints" / "base", lambda d: save_policy(policy, d))
+def save_base(policy: Policy, run_dir: Path, name: str = "base") -> Path:
+    """The weights an RL stage under LoRA adapts (checkpoints/base; checkpoints/base-<stage> in a staged run)."""
+    return _write_atomically(Path(run_dir) / "checkpoints" / name, lambda d: save_policy(policy, d))
+
+
+def base_of(checkpoint: Path) -> Path:
+    """The base folder a LoRA checkpoint's adapter applies to (its state names it; older ones: checkpoints/base)."""
+    return Path(checkpoint).parent / read_state(checkpoint).get("base", "base")
 
 
 def seed_everything(seed: int) -> None:
@@ -200,10 +206,11 @@ def intact_checkpoint(run_dir: Path, newest: Path | None = None, for_loading: bo
     for _, path in reversed(found):
         problems = damaged_files(path, for_loading)
         if not problems and read_state(path).get("lora"):
-            problems = [f"base/{p}" for p in damaged_files(path.parent / "base")]
+            base = base_of(path)
+            problems = [f"base/{p}" for p in damaged_files(base)]
             if problems:  # every adapter checkpoint shares this base: none can be used
                 raise CheckpointError(
-                    f"{path.parent / 'base'} is damaged ({'; '.join(p.removeprefix('base/') for p in problems)}); every "
+                    f"{base} is damaged ({'; '.join(p.removeprefix('base/') for p in problems)}); every "
                     f"LoRA checkpoint of {run_dir} applies to it, so none can be loaded. Restore it from a copy, or "
                     f"start the run again in a new run.output_dir"
                 )
@@ -250,7 +257,7 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> Policy:
     state = read_state(folder)
     if not state["lora"]:
         return load_policy(folder)
-    policy = load_policy(folder.parent / "base")
+    policy = load_policy(base_of(folder))
     policy.enable_lora(**state["lora_config"])
     policy.load_trainable_state(load_file(str(folder / ADAPTER_NAME)))
     return policy

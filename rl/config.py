@@ -215,6 +215,33 @@ class EvalConfig:
     variation: dict[str, str] = field(default_factory=dict)  # e.g. {voices: heldout}; default: in distribution
 
 
+STAGE_TYPES = ("sft", "grpo", "ppo", "reward_model")
+STAGE_SECTIONS = ("data", "sft", "rl", "loss", "kl", "rollouts", "reward_model")
+RESERVED_STAGE_NAMES = ("initial", "eval")  # the before-any-stage evaluation, and evaluation rows in metrics.jsonl
+
+
+@dataclass
+class StageSpec:
+    """One stage of a staged recipe (`stages:`): what it runs, and what it changes.
+
+    `type`: sft (the supervised warm start), grpo or ppo (RL; sets rl.algorithm) or
+    reward_model (a reward model that hears, initialised from the policy as it is then).
+    The sections hold only the keys that differ from the recipe's own sections, e.g.
+    `rl: {steps: 20, lr: 5e-4}`; `rewards`, when given, replaces the recipe's list. Each
+    stage starts from the weights the stage before it left."""
+
+    name: str = ""
+    type: str = ""
+    rewards: list[RewardSpec] = field(default_factory=list)  # empty: the recipe's rewards
+    data: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    rl: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    kl: dict[str, Any] = field(default_factory=dict)
+    rollouts: dict[str, Any] = field(default_factory=dict)
+    reward_model: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Recipe:
     description: str = ""
@@ -233,6 +260,10 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # a staged pipeline (Step-Audio 2's): the stages run in order, each from the last one's
+    # weights, each evaluated with eval.suites before and after; empty: SFT (sft.steps > 0)
+    # then RL (rl.steps > 0), as before
+    stages: list[StageSpec] = field(default_factory=list)
 
 
 class RecipeCheckError(ValueError):
@@ -250,17 +281,42 @@ def check_recipe(recipe: Recipe) -> None:
         warnings.warn("loss.policy=ppo is now called loss.policy=clip (the token-level clipped ratio); 'ppo' still "
                       "works but will be removed: write clip", FutureWarning, stacklevel=2)
         recipe.loss.policy = "clip"
+    from .stages import stage_problems
+
     problems = _cross_key_problems(recipe)
     problems += _eval_problems(recipe.eval)
     problems += _value_problems(recipe)
     if recipe.kind == "reward_model":
         problems += reward_model_problems(recipe.reward_model)
+    problems += stage_problems(recipe)
     if problems:
         raise RecipeCheckError("recipe problems:\n  " + "\n  ".join(problems))
     try:
         check_rewards(recipe.rewards)
     except ValueError as error:
         raise RecipeCheckError(str(error)) from error
+
+
+def stage_recipe_problems(recipe: Recipe, stage_type: str) -> list[str]:
+    """What is wrong with one stage's recipe (the recipe's sections with the stage's keys merged in)."""
+    from vocalign.rewards import check_rewards
+
+    problems = _cross_key_problems(recipe) + _value_problems(recipe, staged=True)
+    if stage_type == "sft" and recipe.sft.steps < 1:
+        problems.append(f"an sft stage needs sft.steps >= 1 (it has {recipe.sft.steps})")
+    if stage_type in ("grpo", "ppo"):
+        if recipe.rl.steps < 1:
+            problems.append(f"a {stage_type} stage needs rl.steps >= 1 (it has {recipe.rl.steps})")
+        try:
+            check_rewards(recipe.rewards)
+        except ValueError as error:
+            problems.append(str(error))
+    if stage_type == "reward_model":
+        problems += reward_model_problems(recipe.reward_model)
+        if is_omni(recipe):
+            problems.append("a reward_model stage builds a reward model that hears from the policy, which needs <think> "
+                            "(the embedded model, Qwen2-Audio); Qwen2.5-Omni is not supported yet")
+    return problems
 
 
 def _cross_key_problems(recipe: Recipe) -> list[str]:
@@ -382,7 +438,7 @@ def _eval_problems(cfg: EvalConfig) -> list[str]:
     return problems
 
 
-def _value_problems(recipe: Recipe) -> list[str]:
+def _value_problems(recipe: Recipe, staged: bool = False) -> list[str]:
     """Ranges of numbers, and the files and folders a recipe names: all checked before anything runs."""
     import math
     from pathlib import Path
@@ -397,7 +453,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     for key, value in (("sft.steps", sft.steps), ("rl.steps", rl.steps), ("sft.warmup_steps", sft.warmup_steps),
                        ("rl.warmup_steps", rl.warmup_steps), ("data.eval_prompts", recipe.data.eval_prompts)):
         need(value >= 0, key, value, "must be >= 0")
-    if recipe.kind == "policy" and sft.steps == 0 and rl.steps == 0:
+    if recipe.kind == "policy" and sft.steps == 0 and rl.steps == 0 and not staged and not recipe.stages:
         problems.append("sft.steps=0 and rl.steps=0: there is nothing to train; set one of them above 0")
     lrs = [("sft.lr", sft.lr), ("rl.lr", rl.lr)] + ([("rl.critic.lr", rl.critic.lr)] if rl.algorithm == "ppo" else [])
     for key, value in lrs:

@@ -68,6 +68,15 @@ def load_recipe(path_or_name: str | Path, overrides: Sequence[str], schema: type
         return typing.cast(T, OmegaConf.to_object(config))
 
 
+def check_section(schema: type, section: str, value: Any, key: str) -> None:
+    """Check `value` against the type of `schema`'s field `section`; a RecipeError names `key`
+    (a staged recipe's `stages[1].rl` keys are checked as the `rl` section's)."""
+    try:
+        _check(_field_types(schema)[section], value, key)
+    except _Invalid as problem:
+        raise RecipeError(str(problem)) from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = OmegaConf.load(path)

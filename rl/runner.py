@@ -1,11 +1,18 @@
 """The run loop: a recipe in, a trained policy out, as a pipeline of stages.
 
     train: check the recipe -> claim the run folder -> _run:
-      prepare    tracker, policy, data, evaluation suites (and what a resume restores)
-      sft_stage  supervised warm start, then its evaluation                [sft.steps > 0]
-      rl_stage   GRPO family or PPO with a critic (`RLTrainer.step`), checkpoints,
-                 then its evaluation                                       [rl.steps > 0]
+      prepare    tracker, policy, evaluation suites (and what a resume restores)
+      stages     (rl/stages.py) `sft` then `rl`, or a staged recipe's `stages:`; each with
+                 its own recipe, data and name, from the weights the last one left:
+        sft_stage           supervised warm start, then its evaluation
+        rl_stage            GRPO family or PPO with a critic (`RLTrainer.step`),
+                            checkpoints, then its evaluation
+        reward_model_stage  a reward model that hears, from the policy as it is then
+                            (saved in RUN/reward_models/<stage>), and its held-out accuracy
       summarise  summary.json, reward_curve.png and the console's last lines
+
+A staged recipe also evaluates its `eval.suites` before the first stage (`initial`), so
+that every stage has a before and an after.
 
 With `run.resume=true` it continues from the latest checkpoint in `run.output_dir`:
 weights, optimiser, RNG states, data position and W&B run, so that the resumed run is
@@ -15,6 +22,7 @@ the run that was interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -42,7 +50,8 @@ from .recipe import to_dict
 from .reward_model_job import train_reward_model_job
 from .run_folder import claim, mark_failed, new_run_folder
 from .sft import SFTTrainer
-from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, style_table
+from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, stage_table, style_table
+from .stages import StagePlan, reward_model_folder, stage_plans
 from .tracking import RunTracker, read_metrics
 from .trainer import PromptCursor, RLTrainer
 from . import spmd
@@ -112,16 +121,30 @@ class Run:
     reward_workers: RewardWorkers
     stack: contextlib.ExitStack  # closes the rollout workers and trainer backends at the end
     policy: Policy
-    sft_prompts: list[Prompt]
-    rl_prompts: list[Prompt]
-    held_out: list[Prompt]
     suites: list
     summary: dict
-    step: int = 0  # steps logged so far, SFT and RL together
+    step: int = 0  # steps logged so far, all stages together
     say: Callable[[str], None] = field(default=tqdm.write)
+    # the stage running now: its prompts (built once per distinct `data` section, in `data_cache`)
+    sft_prompts: list[Prompt] = field(default_factory=list)
+    rl_prompts: list[Prompt] = field(default_factory=list)
+    held_out: list[Prompt] = field(default_factory=list)
+    data_cache: dict = field(default_factory=dict)
 
     def resuming(self, stage: str) -> bool:
         return self.resume_from is not None and self.state.get("stage") == stage
+
+    def use_data(self, recipe: Recipe) -> None:
+        """The prompts of `recipe`'s data section, built the first time a stage asks for them."""
+        key = json.dumps(to_dict(recipe.data), sort_keys=True) + f"|{recipe.model.max_audio_seconds}"
+        if key not in self.data_cache:
+            t = time.perf_counter()
+            sft, rl, held_out, skipped = build_data(recipe, audio_limit(self.policy), self.say)
+            self.say(f"data: {len(sft)} SFT prompts, {len(rl)} RL prompts, {len(held_out)} held out "
+                     f"({time.perf_counter() - t:.1f} s)")
+            self.summary.setdefault("skipped_rows", skipped)
+            self.data_cache[key] = (sft, rl, held_out)
+        self.sft_prompts, self.rl_prompts, self.held_out = self.data_cache[key]
 
     def checkpoint_state(self, stage: str, stage_step: int, **more) -> dict:
         return {"stage": stage, "stage_step": stage_step, "wandb_id": self.tracker.wandb_run_id, "summary": self.summary, **more}
@@ -172,8 +195,17 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -
     tracker = RunTracker(run_dir, to_dict(recipe), recipe.logging, resume_id=state.get("wandb_id"))
     with tracker, RewardWorkers() as reward_workers, contextlib.ExitStack() as stack:
         run = prepare(recipe, run_dir, resume_from, state, tracker, reward_workers, stack)
-        sft_stage(run)
-        rl_stage(run)
+        plans = stage_plans(recipe, run_dir)
+        if recipe.stages and "initial_suites" not in run.summary and run.suites:
+            run.summary["initial_suites"] = run_eval_suites(run.policy, run.suites, recipe, tracker, run.step)
+        at = next((p.index for p in plans if p.name == state.get("stage")), 0) if resume_from else 0
+        for plan in plans[at:]:
+            run_stage(run, plan, last=plan is plans[-1])
+        if recipe.stages:
+            run.recipe = recipe
+            run.summary["stages"] = stage_table(run.summary, [(p.name, p.type) for p in plans])
+            for line in _stage_lines(run.summary["stages"]):
+                run.say(line)
         run.summary["time_s"] = run.summary.get("time_s", 0.0) + time.perf_counter() - started
         tracker.summary(run.summary)  # summary.json; reward_curve.png is drawn as the tracker closes
     summarise(run, started)
@@ -182,10 +214,12 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -
 
 def summarise(run: Run, started: float) -> None:
     """The console's last line: how long the run took, the final held-out style table, where the outputs are."""
-    final_style = (run.summary.get("rl") or run.summary.get("sft") or {}).get("style")
+    last = [run.summary[p.name] for p in stage_plans(run.recipe) if isinstance(run.summary.get(p.name), dict)]
+    final_style = (last[-1] if last else {}).get("style")
     style = f" Held-out style honoured, greedy: {show_style(final_style)}." if final_style else ""
+    models = ", reward_models/" if any(p.type == "reward_model" for p in stage_plans(run.recipe)) else ""
     run.say(f"done in {time.perf_counter() - started:.0f} s.{style} Outputs in {run.run_dir}: config.yaml, metrics.jsonl, "
-            "summary.json, reward_curve.png, checkpoints/")
+            f"summary.json, reward_curve.png, checkpoints/{models}")
 
 
 def _resume_state(run_dir: Path, checkpoint: Path | None) -> dict:
@@ -202,7 +236,7 @@ def _resume_state(run_dir: Path, checkpoint: Path | None) -> dict:
 
 def prepare(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict, tracker: RunTracker,
             reward_workers: RewardWorkers, stack: contextlib.ExitStack) -> Run:
-    """The policy, the data and the evaluation suites, said on the console."""
+    """The policy and the evaluation suites, said on the console (each stage builds its data)."""
     say = tqdm.write
     say(f"run folder: {run_dir}")
     say(tracker.wandb_status())
@@ -214,45 +248,82 @@ def prepare(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict
     n_params = sum(p.numel() for p in policy.model.parameters())
     say(f"policy: {'embedded Step-Audio-2-style model' if not recipe.model.path else recipe.model.path}, "
         f"{n_params / 1e6:.2f}M parameters, on {policy.device}")
-    t = time.perf_counter()
-    sft_prompts, rl_prompts, held_out, skipped = build_data(recipe, audio_limit(policy), say)
-    say(f"data: {len(sft_prompts)} SFT prompts, {len(rl_prompts)} RL prompts, {len(held_out)} held out "
-        f"({time.perf_counter() - t:.1f} s)")
-    summary = state.get("summary") or {"parameters": n_params, "skipped_rows": skipped}
-    return Run(recipe, run_dir, resume_from, state, tracker, reward_workers, stack, policy, sft_prompts, rl_prompts,
-               held_out, eval_suites(recipe), summary, step=state.get("step", 0), say=say)
+    summary = state.get("summary") or {"parameters": n_params}
+    run = Run(recipe, run_dir, resume_from, state, tracker, reward_workers, stack, policy, eval_suites(recipe), summary,
+              step=state.get("step", 0), say=say)
+    if not recipe.stages:  # said before the stages start, as it always was
+        run.use_data(recipe)
+    return run
 
 
-def sft_stage(run: Run) -> None:
+def run_stage(run: Run, plan: StagePlan, last: bool) -> None:
+    """One stage with its own recipe, data and closing resources; the policy it leaves is the next one's start."""
+    run.recipe = plan.recipe
+    with contextlib.ExitStack() as stack:
+        run.stack = stack
+        if plan.staged and plan.type != "sft":  # its SFT data would go unused
+            data = dataclasses.replace(plan.recipe.data, sft_tasks=[], sft_file=None)
+            run.use_data(dataclasses.replace(plan.recipe, data=data))
+        else:
+            run.use_data(plan.recipe)
+        if plan.type == "sft":
+            sft_stage(run, plan)
+        elif plan.is_rl:
+            rl_stage(run, plan)
+            if not last:
+                _hand_on(run)
+        else:
+            reward_model_stage(run, plan)
+
+
+def _hand_on(run: Run) -> None:
+    """After an RL stage: the adapters folded into the weights, no reference, every weight
+    trainable again; the next stage starts from this plain policy."""
+    policy = run.policy
+    if policy.lora:
+        policy.merge_lora()
+    policy._reference = None
+    for p in policy.model.parameters():
+        p.requires_grad_(True)
+
+
+def sft_stage(run: Run, plan: StagePlan) -> None:
     """Supervised warm start on the SFT prompts (full weights), then its evaluation."""
     cfg, recipe, state = run.recipe.sft, run.recipe, run.state
-    done = state.get("stage") == "rl" or (state.get("stage") == "sft" and state["stage_step"] >= cfg.steps)
-    if run.resuming("sft"):
+    done = run.resuming(plan.name) and state["stage_step"] >= cfg.steps
+    if run.resuming(plan.name):
         run.policy = configure_policy(load_policy(run.resume_from, **checkpoint_options(recipe)), recipe)
-    if cfg.steps == 0 or done:
+    if done:
+        if plan.name not in run.summary:  # stopped during its evaluation
+            _evaluate_sft(run, plan)
         return
     sft = SFTTrainer(run.policy, run.sft_prompts, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.grad_clip, recipe.run.seed)
     first = 0
-    if run.resume_from:
+    if run.resuming(plan.name):
         sft.load(run.resume_from)
         restore_rng(run.resume_from)
         first = state["stage_step"]
-    bar = tqdm(range(first, cfg.steps), desc="sft", disable=not recipe.run.progress, dynamic_ncols=True,
+    bar = tqdm(range(first, cfg.steps), desc=plan.name, disable=not recipe.run.progress, dynamic_ncols=True,
                initial=first, total=cfg.steps)
     for i in bar:
         t = time.perf_counter()
         metrics = sft.step(i)
         run.step += 1
-        run.tracker.log({"stage": "sft", **metrics, "time/step_s": time.perf_counter() - t}, step=run.step)
+        run.tracker.log({"stage": plan.name, **metrics, "time/step_s": time.perf_counter() - t}, step=run.step)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
             # saved before the evaluation below: a reward that fails there loses no SFT work
             # (the evaluation leaves the RNG states alone, so a resume from here is exact)
-            save_checkpoint(run.policy, run.run_dir, run.step, run.checkpoint_state("sft", i + 1), recipe.run.keep_last,
+            save_checkpoint(run.policy, run.run_dir, run.step, run.checkpoint_state(plan.name, i + 1), recipe.run.keep_last,
                             recipe.run.keep_every, extra=sft.save)
-    evaluate_stage(run, "sft", build_rollouts(run.policy, recipe, num_workers=0))
-    run.say(f"after SFT, greedy on held-out prompts: reward/mean {run.summary['sft']['reward/mean']:.3f}"
-            + (f"; style honoured: {show_style(run.summary['sft'].get('style'))}" if run.summary["sft"].get("style") else ""))
+    _evaluate_sft(run, plan)
+
+
+def _evaluate_sft(run: Run, plan: StagePlan) -> None:
+    evaluate_stage(run, plan.name, build_rollouts(run.policy, run.recipe, num_workers=0))
+    done = run.summary[plan.name]
+    run.say(f"after {'SFT' if plan.name == 'sft' else plan.name}, greedy on held-out prompts: reward/mean "
+            f"{done['reward/mean']:.3f}" + (f"; style honoured: {show_style(done.get('style'))}" if done.get("style") else ""))
 
 
 def evaluate_stage(run: Run, stage: str, worker: RolloutSource, rows: list[dict] | None = None,
@@ -266,16 +337,16 @@ def evaluate_stage(run: Run, stage: str, worker: RolloutSource, rows: list[dict]
         run.summary[stage]["style"] = style
 
 
-def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
+def _rl_policy(run: Run, plan: StagePlan, lora: dict | None) -> ValueModel | None:
     """Ready `run.policy` for RL (from a resumed checkpoint, with LoRA, the encoder frozen); returns PPO's critic."""
     recipe, cfg = run.recipe, run.recipe.rl
-    base = run.run_dir / "checkpoints" / "base"  # the weights RL starts from
-    if run.resuming("rl"):
+    base = run.run_dir / "checkpoints" / plan.base  # the weights this stage starts from
+    if run.resuming(plan.name):
         run.policy = configure_policy(load_policy(base if lora else run.resume_from, **checkpoint_options(recipe)), recipe)
         if not lora and recipe.kl.coef > 0:
             run.policy.keep_reference(place(load_policy(base, **checkpoint_options(recipe)), recipe).model)  # where RL started
     elif lora or recipe.kl.coef > 0:
-        save_base(run.policy, run.run_dir)  # adapter checkpoints refer to it; a full-weight reference reloads from it
+        save_base(run.policy, run.run_dir, plan.base)  # adapter checkpoints refer to it; a full-weight reference reloads from it
     critic = None
     if cfg.algorithm == "ppo":
         critic = ValueModel(run.policy, lora if cfg.critic.lora else None)
@@ -285,7 +356,7 @@ def _rl_policy(run: Run, lora: dict | None) -> ValueModel | None:
     if lora:
         run.policy.enable_lora(**lora)
     run.policy.freeze_encoder()
-    if run.resuming("rl") and lora:
+    if run.resuming(plan.name) and lora:
         from safetensors.torch import load_file
 
         run.policy.load_trainable_state(load_file(str(run.resume_from / ADAPTER_NAME)))
@@ -305,10 +376,10 @@ def _trainer_group(run: Run, critic: ValueModel | None) -> TrainerGroup:
                         gpus_per_trainer=gpus)
 
 
-def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, int, list[dict]]:
+def _rl_trainer(run: Run, plan: StagePlan, lora: dict | None) -> tuple[RLTrainer, PromptCursor, int, list[dict]]:
     """The trainer, its prompt cursor, the first step to run and the RL rows logged before it."""
     recipe, cfg, ro = run.recipe, run.recipe.rl, run.recipe.rollouts
-    critic = _rl_policy(run, lora)
+    critic = _rl_policy(run, plan, lora)
     updater = None
     if cfg.trainers > 1:  # data-parallel ranks, each from a snapshot of the policy as RL starts
         updater = _trainer_group(run, critic)
@@ -333,11 +404,11 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
                         run.reward_workers, critic, async_generation=ro.async_generation, updater=updater)
     cursor = PromptCursor(run.rl_prompts, recipe.run.seed)
     first, rows = 0, []
-    if run.resuming("rl"):
+    if run.resuming(plan.name):
         trainer.load_state(run.state, run.resume_from)
         cursor.position = run.state["cursor"]
         first = run.state["stage_step"]
-        rows = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("stage") == "rl"]
+        rows = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("stage") == plan.name]
         restore_rng(run.resume_from)
     run.say(f"RL: {cfg.algorithm}, {'LoRA r=%d' % cfg.lora.r if lora else 'full weights'}, backend {cfg.backend}"
             + (f" (ZeRO-{cfg.deepspeed.zero_stage})" if cfg.backend == "deepspeed" else ""))
@@ -345,23 +416,24 @@ def _rl_trainer(run: Run, lora: dict | None) -> tuple[RLTrainer, PromptCursor, i
     return trainer, cursor, first, rows
 
 
-def rl_stage(run: Run) -> None:
+def rl_stage(run: Run, plan: StagePlan) -> None:
     """RL steps with logging, periodic evaluation and checkpoints, then the stage's evaluation."""
     recipe, cfg = run.recipe, run.recipe.rl
-    if cfg.steps == 0:
-        return
     lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout) if cfg.lora.enabled else None
     if lora and is_omni(recipe):  # the adapters go on the trained parts only; the checkpoint says which
         lora["train_parts"] = list(cfg.train_parts)
-    trainer, cursor, first, rows = _rl_trainer(run, lora)
+    trainer, cursor, first, rows = _rl_trainer(run, plan, lora)
     gather = trainer.updater.full_parameters
-    bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm, disable=not recipe.run.progress, dynamic_ncols=True,
+    if plan.staged and first == 0 and f"{plan.name}_before" not in run.summary:
+        # its own rewards, greedy on its held-out prompts, before it trains (the adapters start at zero)
+        run.summary[f"{plan.name}_before"] = evaluate(trainer.worker, run.held_out, recipe, run.reward_workers, gather=gather)
+    bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm if plan.name == "rl" else f"{plan.name} ({cfg.algorithm})", disable=not recipe.run.progress, dynamic_ncols=True,
                initial=first, total=cfg.steps)
     for i in bar:
         t = time.perf_counter()
         metrics, _ = trainer.step(cursor, i)
         run.step += 1
-        row = {"stage": "rl", **metrics, "time/step_s": time.perf_counter() - t}
+        row = {"stage": plan.name, **metrics, "time/step_s": time.perf_counter() - t}
         run.tracker.log(row, step=run.step)
         rows.append({**row, "step": run.step})
         if recipe.logging.audio_every and (i + 1) % recipe.logging.audio_every == 0 and trainer.last_samples:
@@ -371,26 +443,96 @@ def rl_stage(run: Run) -> None:
         if recipe.eval.every and (i + 1) % recipe.eval.every == 0 and i + 1 < cfg.steps:
             run_eval_suites(run.policy, run.suites, recipe, run.tracker, run.step, gather=gather)
         if i + 1 == cfg.steps:
-            evaluate_stage(run, "rl", trainer.worker, rows, gather=gather)
+            evaluate_stage(run, plan.name, trainer.worker, rows, gather=gather)
         if (i + 1) % recipe.run.save_every == 0 or i + 1 == cfg.steps:
             # prompts whose rollouts are still being generated (async) are generated again after a resume
             position = cursor.position - (cfg.prompts_per_step if trainer.pending else 0)
-            more = {"lora_config": lora, "cursor": position, "algorithm": cfg.algorithm, **trainer.state()}
+            more = {"lora_config": lora, "cursor": position, "algorithm": cfg.algorithm, "base": plan.base, **trainer.state()}
             with gather():
-                save_checkpoint(run.policy, run.run_dir, run.step, run.checkpoint_state("rl", i + 1, **more),
+                save_checkpoint(run.policy, run.run_dir, run.step, run.checkpoint_state(plan.name, i + 1, **more),
                                 recipe.run.keep_last, recipe.run.keep_every, extra=trainer.save)
-    _say_rl_result(run)
+    _say_rl_result(run, plan)
 
 
-def _say_rl_result(run: Run) -> None:
-    g, algorithm = run.summary["rl"], run.recipe.rl.algorithm
+def _say_rl_result(run: Run, plan: StagePlan) -> None:
+    g, algorithm = run.summary[plan.name], run.recipe.rl.algorithm
     keys = [k.removesuffix(" first 10%") for k in g if k.endswith(" first 10%")]
     components = ", ".join(f"{k.removeprefix('reward/')} {g[k + ' first 10%']:.3f} -> {g[k + ' last 10%']:.3f}" for k in keys[1:])
+    label = algorithm.upper() if plan.name == "rl" else f"{plan.name} ({algorithm.upper()})"
     run.say(
-        f"{algorithm.upper()} reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
+        f"{label} reward/mean: first 10% of steps {g['reward/mean first 10%']:.3f} -> last 10% "
         f"{g['reward/mean last 10%']:.3f} ({components}); greedy on held-out prompts {g['eval']['reward/mean']:.3f}"
     )
     if g.get("style"):
         sft_style = run.summary.get("sft", {}).get("style") or {}
         run.say("style honoured on held-out prompts, greedy (after SFT -> after RL): " + ", ".join(
             f"{k} {sft_style[k]:.2f} -> {v:.2f}" if k in sft_style else f"{k} {v:.2f}" for k, v in g["style"].items()))
+
+
+def reward_model_stage(run: Run, plan: StagePlan) -> None:
+    """A reward model that hears, built from the policy as it is now and trained on spoken
+    preference pairs (the synthetic kinds and the policy's own samples); saved in
+    RUN/reward_models/<stage> with its held-out pairwise accuracy per kind."""
+    from vocalign.data.tasks import make_task
+    from vocalign.rewards.training.hearing_reward_model import (
+        hearing_pairwise_accuracy, policy_sample_pairs, train_hearing_reward_model)
+    from vocalign.rewards.training.preference_data import spoken_pairs
+
+    cfg, recipe, seed = run.recipe.reward_model, run.recipe, run.recipe.data.seed + 100 * (plan.index + 1)
+    folder = reward_model_folder(run.run_dir, plan.name)
+    t = time.perf_counter()
+    questions = {"voices": "train", **cfg.questions, "max_operand": cfg.max_operand}
+    train_q = make_task("arithmetic", cfg.train_pairs, seed, **questions)
+    held_q = make_task("arithmetic", cfg.eval_pairs, seed + 1, **questions)
+    train = spoken_pairs(train_q, seed, cfg.kinds, cfg.max_operand)
+    held_out = spoken_pairs(held_q, seed + 1, cfg.kinds, cfg.max_operand, exclude=train)
+    if cfg.policy_samples:
+        share = max(1, round(cfg.policy_samples * len(held_q) / len(train_q)))
+        train += policy_sample_pairs(run.policy, train_q[: cfg.policy_samples], cfg.samples_per_question, seed,
+                                     max_new_tokens=recipe.rl.max_new_tokens)
+        held_out += policy_sample_pairs(run.policy, held_q[:share], cfg.samples_per_question, seed + 1,
+                                        max_new_tokens=recipe.rl.max_new_tokens)
+    kinds = sorted({p.kind for p in train})
+    run.say(f"{plan.name}: {len(train)} spoken preference pairs ({', '.join(kinds)}), {len(held_out)} held out "
+            f"({time.perf_counter() - t:.1f} s)")
+    first = run.step
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        run.tracker.log({"stage": plan.name, **{f"reward_model/{k}": v for k, v in metrics.items()}}, step=first + step)
+
+    model, info = train_hearing_reward_model(
+        run.policy, train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+        seed=recipe.run.seed, center=cfg.center_rewards_coefficient, logging_steps=cfg.logging_steps,
+        progress=recipe.run.progress, on_log=log)
+    run.step += cfg.steps
+    accuracy = hearing_pairwise_accuracy(model, held_out)
+    model.save(folder, {"stage": plan.name, "held_out": accuracy, "train_pairs": len(train)})
+    rows = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("stage") == plan.name]
+    run.summary[plan.name] = {
+        **rl_summary(rows, {}, keys=["reward_model/loss", "reward_model/accuracy"]),
+        "held_out": accuracy, "train_pairs": len(train), "held_out_pairs": len(held_out), "path": str(folder),
+        "train_time_s": info["seconds"],
+    }
+    run.say(f"{plan.name}: held-out pairwise accuracy {accuracy['accuracy']:.3f} ("
+            + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in accuracy.items() if "/" in k)
+            + f"); saved in {folder}")
+
+
+def _stage_lines(table: list[dict]) -> list[str]:
+    """The console's per-stage summary: its own reward over its steps, and each suite metric before -> after."""
+    lines = []
+    for row in table:
+        own = row.get("own")
+        text = f"stage {row['name']} ({row['type']})"
+        if own:
+            text += f": {own['metric']} {own['first']:.3f} -> {own['last']:.3f} (first -> last 10% of its steps)"
+        if "held_out" in row:
+            text += "; held-out pairwise accuracy " + ", ".join(
+                f"{k.split('/')[1]} {v:.2f}" for k, v in row["held_out"].items() if "/" in k)
+        changes = [f"{c['metric']} {c['before']['mean']:.2f} -> {c['after']['mean']:.2f} "
+                   f"[{c['after']['low']:.2f}, {c['after']['high']:.2f}]" + (" (lost)" if c["lost"] else "")
+                   for c in row.get("suites", []) if c["metric"].count("/") == 1]  # overall; per group in summary.json
+        if changes and row["type"] != "reward_model":
+            text += "; held out: " + ", ".join(changes)
+        lines.append(text)
+    return lines

@@ -93,7 +93,43 @@ def _mean_of(rows: list[dict], key: str, lo: float, hi: float) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def rl_summary(rows: list[dict], evaluation: dict[str, float]) -> dict:
-    """The total and each reward component over the first and the last 10% of RL steps, and the evaluation."""
-    keys = reward_components(rows)
+def rl_summary(rows: list[dict], evaluation: dict[str, float], keys: list[str] | None = None) -> dict:
+    """The total and each reward component (or `keys`) over the first and the last 10% of a
+    stage's steps, and the evaluation."""
+    keys = reward_components(rows) if keys is None else keys
     return {**{f"{k} {part}": _mean_of(rows, k, *span) for k in keys for part, span in _ENDS.items()}, "eval": evaluation}
+
+
+def stage_table(summary: dict, stages: list[tuple[str, str]]) -> list[dict]:
+    """Per stage of a staged run: its own measure over its steps (RL: reward/mean; a reward
+    model: its training accuracy; first vs last 10%), and every eval-suite metric (overall
+    and per group) before and after it, with 95% intervals. `lost` marks a metric whose
+    interval after the stage lies wholly below its interval before (a loss beyond noise)."""
+    table, before = [], summary.get("initial_suites") or {}
+    for name, kind in stages:
+        done = summary.get(name) or {}
+        after = summary.get(f"{name}_suites") or before  # a reward-model stage leaves the policy as it was
+        key = "reward_model/accuracy" if kind == "reward_model" else "reward/mean"
+        own = None
+        if f"{key} first 10%" in done:
+            own = {"metric": key, "first": done[f"{key} first 10%"], "last": done[f"{key} last 10%"]}
+        row = {"name": name, "type": kind, "own": own, "suites": []}
+        if kind == "reward_model" and "held_out" in done:
+            row["held_out"] = done["held_out"]
+        if f"{name}_before" in summary and "eval" in done:  # its own rewards, greedy on held-out prompts
+            row["own_held_out"] = {"before": summary[f"{name}_before"], "after": done["eval"]}
+        for suite, result in after.items():
+            old = before.get(suite)
+            if old is None:
+                continue
+            pairs = [(m, result["metrics"][m], old["metrics"].get(m)) for m in result["metrics"]]
+            pairs += [(f"{g}/{m}", e, old["groups"].get(g, {}).get(m)) for g, ms in result["groups"].items()
+                      for m, e in ms.items()]
+            for metric, now, then in pairs:
+                if then is None or not now["n"] or not then["n"]:
+                    continue
+                row["suites"].append({"metric": f"{suite}/{metric}", "before": then, "after": now,
+                                      "lost": now["high"] < then["low"]})
+        table.append(row)
+        before = after
+    return table

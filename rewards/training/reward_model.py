@@ -43,15 +43,26 @@ class RewardModelConfig:
     # Pulls the scores of each batch towards 0, so sigmoid(score) reads as "better than a typical response".
     center_rewards_coefficient: float = 0.01
     logging_steps: int = 20
+    # a staged recipe's reward_model stage (a reward model that hears, from the policy; the
+    # size keys above do not apply): the spoken arithmetic questions' task params (voices,
+    # noise, ...), and how many of them the policy answers `samples_per_question` times to
+    # make `samples` pairs (a right answer it sampled over a wrong one); held-out questions
+    # get the same share
+    questions: dict[str, Any] = field(default_factory=dict)
+    policy_samples: int = 0
+    samples_per_question: int = 4
 
 
 def reward_model_problems(config: RewardModelConfig) -> list[str]:
     """What is wrong with `config` (a recipe's `reward_model` section), as one line per problem."""
     problems = [
         f"reward_model.{name}={getattr(config, name)} must be at least 1"
-        for name in ("train_pairs", "eval_pairs", "max_operand", "hidden_size", "layers", "heads", "steps", "batch_size", "logging_steps")
+        for name in ("train_pairs", "eval_pairs", "max_operand", "hidden_size", "layers", "heads", "steps", "batch_size",
+                     "logging_steps", "samples_per_question")
         if getattr(config, name) < 1
     ]
+    if config.policy_samples < 0:
+        problems.append(f"reward_model.policy_samples={config.policy_samples} must be >= 0")
     if config.heads >= 1 and config.hidden_size % config.heads:
         problems.append(f"reward_model.hidden_size={config.hidden_size} must be a multiple of reward_model.heads={config.heads}")
     unknown = [k for k in config.kinds if k not in PAIR_KINDS]
