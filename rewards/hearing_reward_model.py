@@ -190,11 +190,15 @@ def load_hearing_reward_model(folder: str | Path) -> HearingRewardModel:
                          "a `reward_model` stage saved (RUN/reward_models/<stage>)")
     key = (str(folder.resolve()), head.stat().st_mtime_ns)
     if key not in _LOADED:
-        try:
-            policy, ear = load_policy(folder), load_policy(folder / EAR_FOLDER)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"reward_model: {folder} cannot be loaded as a hearing reward model ({error})") from error
-        model = HearingRewardModel(policy, ear)
+        # built without drawing from the run's random numbers (the head's initial values are
+        # overwritten anyway): a run resumed after the load draws the same numbers as one that
+        # loaded it before its checkpoint
+        with torch.random.fork_rng(devices=[]):
+            try:
+                policy, ear = load_policy(folder), load_policy(folder / EAR_FOLDER)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"reward_model: {folder} cannot be loaded as a hearing reward model ({error})") from error
+            model = HearingRewardModel(policy, ear)
         model.load_head_state(load_file(str(head)))
         model.eval()
         for p in model.parameters():

@@ -104,7 +104,10 @@ def load_reward_model(path: str | Path) -> LoadedRewardModel:
         )
     key = (str(folder.resolve()), (folder / weights[0]).stat().st_mtime_ns)
     if key not in _LOADED:
-        _LOADED[key] = _load(folder)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # loading draws no random numbers from the run (exact resume)
+            _LOADED[key] = _load(folder)
     return _LOADED[key]
 
 

@@ -104,7 +104,7 @@ def stage_table(summary: dict, stages: list[tuple[str, str]]) -> list[dict]:
     """Per stage of a staged run: its own measure over its steps (RL: reward/mean; a reward
     model: its training accuracy; first vs last 10%), and every eval-suite metric (overall
     and per group) before and after it, with 95% intervals. `lost` marks a metric whose
-    interval after the stage lies wholly below its interval before (a loss beyond noise)."""
+    mean after the stage is below its interval before (lost by more than its interval)."""
     table, before = [], summary.get("initial_suites") or {}
     for name, kind in stages:
         done = summary.get(name) or {}
@@ -129,7 +129,7 @@ def stage_table(summary: dict, stages: list[tuple[str, str]]) -> list[dict]:
                 if then is None or not now["n"] or not then["n"]:
                     continue
                 row["suites"].append({"metric": f"{suite}/{metric}", "before": then, "after": now,
-                                      "lost": now["high"] < then["low"]})
+                                      "lost": now["mean"] < then["low"]})
         table.append(row)
         before = after
     return table

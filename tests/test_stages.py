@@ -41,7 +41,7 @@ def test_each_stage_runs_the_recipe_with_its_own_keys_merged_in(tmp_path: Path) 
     assert think.rl.prompts_per_step == 4 == perception.rl.prompts_per_step  # the recipe's keys are inherited
     assert perception.rl.algorithm == "grpo" and perception.data.rl_tasks[0].name == "perception"
     assert plans[0].recipe.data.rl_tasks[0].name == "arithmetic"  # another stage's data is left alone
-    assert [r.name for r in think.rewards] == ["think_length"]
+    assert [r.name for r in think.rewards] == ["think_length", "correctness"]
     # a reward model named by stage is served from the folder that stage saves
     served = {r.name: r.params for r in rm_ppo.rewards}["reward_model"]
     assert served == {"source": "text", "path": str(tmp_path / "reward_models" / "rm")}
