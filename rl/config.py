@@ -12,6 +12,8 @@ from typing import Any, Literal
 from vocalign.rewards import RewardSpec
 from vocalign.rewards.training.reward_model import RewardModelConfig, reward_model_problems
 
+from .stage_spec import StageSpec
+
 
 @dataclass
 class RunConfig:
@@ -215,33 +217,6 @@ class EvalConfig:
     variation: dict[str, str] = field(default_factory=dict)  # e.g. {voices: heldout}; default: in distribution
 
 
-STAGE_TYPES = ("sft", "grpo", "ppo", "reward_model")
-STAGE_SECTIONS = ("data", "sft", "rl", "loss", "kl", "rollouts", "reward_model")
-RESERVED_STAGE_NAMES = ("initial", "eval")  # the before-any-stage evaluation, and evaluation rows in metrics.jsonl
-
-
-@dataclass
-class StageSpec:
-    """One stage of a staged recipe (`stages:`): what it runs, and what it changes.
-
-    `type`: sft (the supervised warm start), grpo or ppo (RL; sets rl.algorithm) or
-    reward_model (a reward model that hears, initialised from the policy as it is then).
-    The sections hold only the keys that differ from the recipe's own sections, e.g.
-    `rl: {steps: 20, lr: 5e-4}`; `rewards`, when given, replaces the recipe's list. Each
-    stage starts from the weights the stage before it left."""
-
-    name: str = ""
-    type: str = ""
-    rewards: list[RewardSpec] = field(default_factory=list)  # empty: the recipe's rewards
-    data: dict[str, Any] = field(default_factory=dict)
-    sft: dict[str, Any] = field(default_factory=dict)
-    rl: dict[str, Any] = field(default_factory=dict)
-    loss: dict[str, Any] = field(default_factory=dict)
-    kl: dict[str, Any] = field(default_factory=dict)
-    rollouts: dict[str, Any] = field(default_factory=dict)
-    reward_model: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
 class Recipe:
     description: str = ""
@@ -288,7 +263,7 @@ def check_recipe(recipe: Recipe) -> None:
     problems += _value_problems(recipe)
     if recipe.kind == "reward_model":
         problems += reward_model_problems(recipe.reward_model)
-    problems += stage_problems(recipe)
+    problems += stage_problems(recipe, stage_recipe_problems)
     if problems:
         raise RecipeCheckError("recipe problems:\n  " + "\n  ".join(problems))
     try:

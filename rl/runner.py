@@ -50,8 +50,9 @@ from .recipe import to_dict
 from .reward_model_job import train_reward_model_job
 from .run_folder import claim, mark_failed, new_run_folder
 from .sft import SFTTrainer
-from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, stage_table, style_table
-from .stages import StagePlan, reward_model_folder, stage_plans
+from .reward_model_stage import reward_model_stage
+from .stage_eval import eval_suites, evaluate, rl_summary, run_eval_suites, show_style, stage_lines, stage_table, style_table
+from .stages import StagePlan, stage_plans
 from .tracking import RunTracker, read_metrics
 from .trainer import PromptCursor, RLTrainer
 from . import spmd
@@ -204,7 +205,7 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -
         if recipe.stages:
             run.recipe = recipe
             run.summary["stages"] = stage_table(run.summary, [(p.name, p.type) for p in plans])
-            for line in _stage_lines(run.summary["stages"]):
+            for line in stage_lines(run.summary["stages"]):
                 run.say(line)
         run.summary["time_s"] = run.summary.get("time_s", 0.0) + time.perf_counter() - started
         tracker.summary(run.summary)  # summary.json; reward_curve.png is drawn as the tracker closes
@@ -468,71 +469,3 @@ def _say_rl_result(run: Run, plan: StagePlan) -> None:
         run.say("style honoured on held-out prompts, greedy (after SFT -> after RL): " + ", ".join(
             f"{k} {sft_style[k]:.2f} -> {v:.2f}" if k in sft_style else f"{k} {v:.2f}" for k, v in g["style"].items()))
 
-
-def reward_model_stage(run: Run, plan: StagePlan) -> None:
-    """A reward model that hears, built from the policy as it is now and trained on spoken
-    preference pairs (the synthetic kinds and the policy's own samples); saved in
-    RUN/reward_models/<stage> with its held-out pairwise accuracy per kind."""
-    from vocalign.data.tasks import make_task
-    from vocalign.rewards.training.hearing_reward_model import (
-        hearing_pairwise_accuracy, policy_sample_pairs, train_hearing_reward_model)
-    from vocalign.rewards.training.preference_data import spoken_pairs
-
-    cfg, recipe, seed = run.recipe.reward_model, run.recipe, run.recipe.data.seed + 100 * (plan.index + 1)
-    folder = reward_model_folder(run.run_dir, plan.name)
-    t = time.perf_counter()
-    questions = {"voices": "train", **cfg.questions, "max_operand": cfg.max_operand}
-    train_q = make_task("arithmetic", cfg.train_pairs, seed, **questions)
-    held_q = make_task("arithmetic", cfg.eval_pairs, seed + 1, **questions)
-    train = spoken_pairs(train_q, seed, cfg.kinds, cfg.max_operand)
-    held_out = spoken_pairs(held_q, seed + 1, cfg.kinds, cfg.max_operand, exclude=train)
-    if cfg.policy_samples:
-        share = max(1, round(cfg.policy_samples * len(held_q) / len(train_q)))
-        train += policy_sample_pairs(run.policy, train_q[: cfg.policy_samples], cfg.samples_per_question, seed,
-                                     max_new_tokens=recipe.rl.max_new_tokens)
-        held_out += policy_sample_pairs(run.policy, held_q[:share], cfg.samples_per_question, seed + 1,
-                                        max_new_tokens=recipe.rl.max_new_tokens)
-    kinds = sorted({p.kind for p in train})
-    run.say(f"{plan.name}: {len(train)} spoken preference pairs ({', '.join(kinds)}), {len(held_out)} held out "
-            f"({time.perf_counter() - t:.1f} s)")
-    first = run.step
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        run.tracker.log({"stage": plan.name, **{f"reward_model/{k}": v for k, v in metrics.items()}}, step=first + step)
-
-    model, info = train_hearing_reward_model(
-        run.policy, train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        seed=recipe.run.seed, center=cfg.center_rewards_coefficient, logging_steps=cfg.logging_steps,
-        progress=recipe.run.progress, on_log=log)
-    run.step += cfg.steps
-    accuracy = hearing_pairwise_accuracy(model, held_out)
-    model.save(folder, {"stage": plan.name, "held_out": accuracy, "train_pairs": len(train)})
-    rows = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("stage") == plan.name]
-    run.summary[plan.name] = {
-        **rl_summary(rows, {}, keys=["reward_model/loss", "reward_model/accuracy"]),
-        "held_out": accuracy, "train_pairs": len(train), "held_out_pairs": len(held_out), "path": str(folder),
-        "train_time_s": info["seconds"],
-    }
-    run.say(f"{plan.name}: held-out pairwise accuracy {accuracy['accuracy']:.3f} ("
-            + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in accuracy.items() if "/" in k)
-            + f"); saved in {folder}")
-
-
-def _stage_lines(table: list[dict]) -> list[str]:
-    """The console's per-stage summary: its own reward over its steps, and each suite metric before -> after."""
-    lines = []
-    for row in table:
-        own = row.get("own")
-        text = f"stage {row['name']} ({row['type']})"
-        if own:
-            text += f": {own['metric']} {own['first']:.3f} -> {own['last']:.3f} (first -> last 10% of its steps)"
-        if "held_out" in row:
-            text += "; held-out pairwise accuracy " + ", ".join(
-                f"{k.split('/')[1]} {v:.2f}" for k, v in row["held_out"].items() if "/" in k)
-        changes = [f"{c['metric']} {c['before']['mean']:.2f} -> {c['after']['mean']:.2f} "
-                   f"[{c['after']['low']:.2f}, {c['after']['high']:.2f}]" + (" (lost)" if c["lost"] else "")
-                   for c in row.get("suites", []) if c["metric"].count("/") == 1]  # overall; per group in summary.json
-        if changes and row["type"] != "reward_model":
-            text += "; held out: " + ", ".join(changes)
-        lines.append(text)
-    return lines

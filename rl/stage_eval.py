@@ -133,3 +133,23 @@ def stage_table(summary: dict, stages: list[tuple[str, str]]) -> list[dict]:
         table.append(row)
         before = after
     return table
+
+
+def stage_lines(table: list[dict]) -> list[str]:
+    """The console's per-stage summary: its own reward over its steps, and each suite metric before -> after."""
+    lines = []
+    for row in table:
+        own = row.get("own")
+        text = f"stage {row['name']} ({row['type']})"
+        if own:
+            text += f": {own['metric']} {own['first']:.3f} -> {own['last']:.3f} (first -> last 10% of its steps)"
+        if "held_out" in row:
+            text += "; held-out pairwise accuracy " + ", ".join(
+                f"{k.split('/')[1]} {v:.2f}" for k, v in row["held_out"].items() if "/" in k)
+        changes = [f"{c['metric']} {c['before']['mean']:.2f} -> {c['after']['mean']:.2f} "
+                   f"[{c['after']['low']:.2f}, {c['after']['high']:.2f}]" + (" (lost)" if c["lost"] else "")
+                   for c in row.get("suites", []) if c["metric"].count("/") == 1]  # overall; per group in summary.json
+        if changes and row["type"] != "reward_model":
+            text += "; held out: " + ", ".join(changes)
+        lines.append(text)
+    return lines

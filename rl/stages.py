@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import RESERVED_STAGE_NAMES, STAGE_SECTIONS, STAGE_TYPES, Recipe, StageSpec
+from .stage_spec import RESERVED_STAGE_NAMES, STAGE_SECTIONS, STAGE_TYPES, StageSpec
 
 REWARD_MODELS = "reward_models"  # RUN/reward_models/<stage>: what each reward_model stage trained
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -33,7 +35,7 @@ class StagePlan:
     index: int
     name: str
     type: str  # sft, grpo, ppo or reward_model
-    recipe: Recipe  # the recipe this stage runs with
+    recipe: Any  # the Recipe this stage runs with (rl/config.py)
     base: str  # checkpoints/<base>: the weights an RL stage under LoRA adapts
     staged: bool = False  # one of a staged recipe's `stages:` (not the implied sft / rl of a plain recipe)
 
@@ -50,7 +52,7 @@ class StageError(ValueError):
     """A stage definition that cannot run, found before anything runs."""
 
 
-def stage_plans(recipe: Recipe, run_dir: Path | None = None) -> list[StagePlan]:
+def stage_plans(recipe, run_dir: Path | None = None) -> list[StagePlan]:
     """The stages `recipe` runs, in order; with `run_dir`, `reward_model` rewards that name a
     stage are pointed at the folder that stage saves."""
     if not recipe.stages:
@@ -78,7 +80,7 @@ def _resolved(spec, run_dir: Path):
     return dataclasses.replace(spec, params=params)
 
 
-def stage_recipe(recipe: Recipe, spec: StageSpec, index: int) -> Recipe:
+def stage_recipe(recipe, spec: StageSpec, index: int):
     """The recipe stage `index` runs with: the recipe's sections, the stage's keys merged over them."""
     from omegaconf import OmegaConf
 
@@ -94,23 +96,23 @@ def stage_recipe(recipe: Recipe, spec: StageSpec, index: int) -> Recipe:
         overrides["rl"] = {**overrides.get("rl", {}), "algorithm": spec.type}
     try:
         for section, value in overrides.items():
-            check_section(Recipe, section, value, f"stages[{index}].{section}")
+            check_section(type(recipe), section, value, f"stages[{index}].{section}")
     except RecipeError as error:
         raise StageError(str(error)) from None
     base = dataclasses.replace(recipe, stages=[])
     merged = OmegaConf.merge(OmegaConf.structured(base), overrides)
-    staged: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    staged = OmegaConf.to_object(merged)
     if spec.rewards:
         staged.rewards = [dataclasses.replace(r, params=dict(r.params)) for r in spec.rewards]
     return staged
 
 
-def stage_problems(recipe: Recipe) -> list[str]:
+def stage_problems(recipe, stage_recipe_problems: Callable[[Any, str], list[str]]) -> list[str]:
     """What is wrong with `recipe.stages`, one line each: names (unique, usable in folder
-    names), types, each stage's own recipe, and reward models named before they are trained."""
+    names), types, each stage's own recipe (checked by `stage_recipe_problems`, from
+    rl/config.py), and reward models named before they are trained."""
     if not recipe.stages:
         return _unstaged_reward_model_problems(recipe)
-    from .config import stage_recipe_problems
 
     problems: list[str] = []
     if recipe.kind == "reward_model":
@@ -149,7 +151,7 @@ def stage_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _reward_model_references(staged: Recipe, where: str, trained: list[str]) -> list[str]:
+def _reward_model_references(staged, where: str, trained: list[str]) -> list[str]:
     problems = []
     for spec in staged.rewards:
         if spec.name != "reward_model":
@@ -168,7 +170,7 @@ def _reward_model_references(staged: Recipe, where: str, trained: list[str]) -> 
     return problems
 
 
-def _unstaged_reward_model_problems(recipe: Recipe) -> list[str]:
+def _unstaged_reward_model_problems(recipe) -> list[str]:
     problems = []
     for spec in recipe.rewards:
         if spec.name != "reward_model":

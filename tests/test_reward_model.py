@@ -157,8 +157,15 @@ def test_reward_through_the_registry(trained: tuple[Path, list[PreferencePair]])
 
 
 def test_path_is_required() -> None:
-    with pytest.raises(ValueError, match="params path must be set"):
-        check_rewards([RewardSpec("reward_model")])
+    """`path` or, in a staged recipe, `stage`: a recipe without either is refused before it runs,
+    and the reward called without a path says what to give."""
+    from vocalign.rl.config import Recipe, RecipeCheckError, check_recipe
+
+    check_rewards([RewardSpec("reward_model")])  # the params themselves are valid: path or stage
+    with pytest.raises(RecipeCheckError, match="reward reward_model needs path=FOLDER"):
+        check_recipe(Recipe(rewards=[RewardSpec("reward_model")], rl=Recipe().rl))
+    with pytest.raises(ValueError, match="no path; give path=FOLDER"):
+        reward_model([rollout("what is one plus one", "2")])
 
 
 def test_missing_path_says_what_to_give(tmp_path: Path) -> None:

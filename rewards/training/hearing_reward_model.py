@@ -2,7 +2,8 @@
 
     the policy (after SFT) -> HearingRewardModel (its encoder, adaptor, LM + a zero head)
     spoken arithmetic questions -> pairs of the synthetic kinds (preference_data.spoken_pairs)
-    + the policy's own samples to some questions: a right answer over a wrong one (`samples`)
+    + the policy's own samples to some questions: a right answer over a wrong one
+      (`samples`, made by the run: vocalign.rl.reward_model_stage.policy_sample_pairs)
     -> Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), AdamW on the LM and the head
     -> held-out pairwise accuracy per kind, on questions spoken in clips never trained on
 
@@ -28,30 +29,6 @@ from vocalign.model.policy import Policy
 from .preference_data import PreferencePair
 
 SAMPLES_KIND = "samples"  # a right answer the policy sampled over a wrong one it sampled
-
-
-def policy_sample_pairs(policy: Policy, prompts: Sequence[Prompt], samples: int, seed: int,
-                        temperature: float = 1.0, max_new_tokens: int = 48) -> list[PreferencePair]:
-    """For each spoken arithmetic prompt, `samples` answers sampled from `policy`; where some
-    are right and some wrong, one pair: a right one over a wrong one (kind `samples`)."""
-    from vocalign.model.policy import Sampling
-    from vocalign.rewards.correctness import is_correct
-    from vocalign.rollouts.worker import RolloutWorker
-
-    worker = RolloutWorker(policy, render_speech=False)
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for i in range(0, len(prompts), 16):
-        part = list(prompts[i : i + 16])
-        rollouts = worker.generate(part, samples, Sampling(temperature, 1.0, max_new_tokens), seed=seed + i)
-        for k, prompt in enumerate(part):
-            mine = rollouts[k * samples : (k + 1) * samples]
-            right = [r.text for r in mine if is_correct(r.text, prompt.meta["answer"])]
-            wrong = [r.text for r in mine if r.text.strip() and not is_correct(r.text, prompt.meta["answer"])]
-            if right and wrong:
-                pairs.append(PreferencePair(str(prompt.meta["question"]), right[int(rng.integers(len(right)))],
-                                            wrong[int(rng.integers(len(wrong)))], SAMPLES_KIND, prompt))
-    return pairs
 
 
 def _lr_at(lr: float, warmup: int, steps: int, step: int) -> float:
