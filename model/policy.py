@@ -468,6 +468,10 @@ class Policy:
             p.requires_grad_(False)
         self._reference = ref
 
+    def drop_reference(self) -> None:
+        """Forget the full-weight KL reference (a new RL stage keeps its own)."""
+        self._reference = None
+
     @contextlib.contextmanager
     def reference(self):
         """The reference model: under LoRA, the base model with the adapters disabled;

@@ -15,7 +15,6 @@ from vocalign.rewards.training.preference_data import PreferencePair
 
 from .stage_eval import rl_summary
 from .stages import StagePlan, reward_model_folder
-from .tracking import read_metrics
 
 
 def reward_model_stage(run, plan: StagePlan) -> None:
@@ -46,10 +45,12 @@ def reward_model_stage(run, plan: StagePlan) -> None:
     kinds = sorted({p.kind for p in train})
     run.say(f"{plan.name}: {len(train)} spoken preference pairs ({', '.join(kinds)}), {len(held_out)} held out "
             f"({time.perf_counter() - t:.1f} s)")
-    first = run.step
+    first, rows = run.step, []
 
     def log(step: int, metrics: dict[str, float]) -> None:
-        run.tracker.log({"stage": plan.name, **{f"reward_model/{k}": v for k, v in metrics.items()}}, step=first + step)
+        row = {"stage": plan.name, **{f"reward_model/{k}": v for k, v in metrics.items()}}
+        run.tracker.log(row, step=first + step)
+        rows.append(row)
 
     model, info = train_hearing_reward_model(
         run.policy, train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -58,7 +59,6 @@ def reward_model_stage(run, plan: StagePlan) -> None:
     run.step += cfg.steps
     accuracy = hearing_pairwise_accuracy(model, held_out)
     model.save(folder, {"stage": plan.name, "held_out": accuracy, "train_pairs": len(train)})
-    rows = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("stage") == plan.name]
     run.summary[plan.name] = {
         **rl_summary(rows, {}, keys=["reward_model/loss", "reward_model/accuracy"]),
         "held_out": accuracy, "train_pairs": len(train), "held_out_pairs": len(held_out), "path": str(folder),

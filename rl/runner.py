@@ -209,16 +209,16 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, state: dict) -
                 run.say(line)
         run.summary["time_s"] = run.summary.get("time_s", 0.0) + time.perf_counter() - started
         tracker.summary(run.summary)  # summary.json; reward_curve.png is drawn as the tracker closes
-    summarise(run, started)
+    summarise(run, plans, started)
     return run_dir
 
 
-def summarise(run: Run, started: float) -> None:
+def summarise(run: Run, plans: list[StagePlan], started: float) -> None:
     """The console's last line: how long the run took, the final held-out style table, where the outputs are."""
-    last = [run.summary[p.name] for p in stage_plans(run.recipe) if isinstance(run.summary.get(p.name), dict)]
+    last = [run.summary[p.name] for p in plans if isinstance(run.summary.get(p.name), dict)]
     final_style = (last[-1] if last else {}).get("style")
     style = f" Held-out style honoured, greedy: {show_style(final_style)}." if final_style else ""
-    models = ", reward_models/" if any(p.type == "reward_model" for p in stage_plans(run.recipe)) else ""
+    models = ", reward_models/" if any(p.type == "reward_model" for p in plans) else ""
     run.say(f"done in {time.perf_counter() - started:.0f} s.{style} Outputs in {run.run_dir}: config.yaml, metrics.jsonl, "
             f"summary.json, reward_curve.png, checkpoints/{models}")
 
@@ -283,7 +283,7 @@ def _hand_on(run: Run) -> None:
     policy = run.policy
     if policy.lora:
         policy.merge_lora()
-    policy._reference = None
+    policy.drop_reference()
     for p in policy.model.parameters():
         p.requires_grad_(True)
 
@@ -428,7 +428,8 @@ def rl_stage(run: Run, plan: StagePlan) -> None:
     if plan.staged and first == 0 and f"{plan.name}_before" not in run.summary:
         # its own rewards, greedy on its held-out prompts, before it trains (the adapters start at zero)
         run.summary[f"{plan.name}_before"] = evaluate(trainer.worker, run.held_out, recipe, run.reward_workers, gather=gather)
-    bar = tqdm(range(first, cfg.steps), desc=cfg.algorithm if plan.name == "rl" else f"{plan.name} ({cfg.algorithm})", disable=not recipe.run.progress, dynamic_ncols=True,
+    desc = cfg.algorithm if plan.name == "rl" else f"{plan.name} ({cfg.algorithm})"
+    bar = tqdm(range(first, cfg.steps), desc=desc, disable=not recipe.run.progress, dynamic_ncols=True,
                initial=first, total=cfg.steps)
     for i in bar:
         t = time.perf_counter()
@@ -468,4 +469,3 @@ def _say_rl_result(run: Run, plan: StagePlan) -> None:
         sft_style = run.summary.get("sft", {}).get("style") or {}
         run.say("style honoured on held-out prompts, greedy (after SFT -> after RL): " + ", ".join(
             f"{k} {sft_style[k]:.2f} -> {v:.2f}" if k in sft_style else f"{k} {v:.2f}" for k, v in g["style"].items()))
-
