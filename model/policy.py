@@ -22,6 +22,7 @@ from torch import nn
 from vocalign.data.types import Prompt
 
 from .kernels import token_logprobs
+from .decoding import decode
 from .sampling import Sampling, row_seed, sample_tokens
 from .lora import attach_lora
 from .tokenizer import ChatTokenizer
@@ -213,36 +214,9 @@ class Policy:
         prompt_mask = prompts.attention_mask[:, :P]
         embeds = self.model.input_embeddings(prompts.input_ids[:, :P], prompts.encoded)
         prompt_of_row = torch.tensor([i for i, _ in rows], device=self.device)
-        mask = prompt_mask[prompt_of_row]
-        positions = _positions(mask)
-        engine = self.decoder_for_sampling()
-        if engine is not None:  # the prefill too runs once per prompt
-            last = engine.prefill(embeds, prompt_mask, _positions(prompt_mask), capacity=P + T, rows=prompt_of_row)
-        else:
-            logits, past = self.model.decode(embeds[prompt_of_row], mask, positions, use_cache=True)
-            last = logits[:, -1]
-        out = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
-        logps = torch.zeros(B, T, device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        lengths = torch.full((B,), T, device=self.device)
         stops = torch.tensor([self.tokenizer.eot_id, *stop_ids], device=self.device)
-        for t in range(T):
-            tok, lp = sample_tokens(last, uniforms[:, t], sampling)
-            tok = torch.where(done, self.tokenizer.pad_id, tok)
-            out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
-            newly = ~done & torch.isin(tok, stops)
-            lengths = torch.where(newly, t + 1, lengths)
-            done |= newly
-            if bool(done.all()) or t == T - 1:
-                break
-            positions = positions[:, -1:] + 1
-            embeds = self.model.input_embeddings(tok.unsqueeze(1), None)
-            if engine is not None:
-                last = engine.step(embeds, positions)
-            else:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
-                logits, past = self.model.decode(embeds, mask, positions, cache=past, use_cache=True)
-                last = logits[:, -1]
+        out, logps, lengths, done = decode(self.model, self.decoder_for_sampling(), embeds, prompt_mask, prompt_of_row,
+                                           uniforms, sampling, stops, self.tokenizer.pad_id)
         self.model.train(was_training)
         gens = []
         for r, (i, j) in enumerate(rows):
@@ -251,15 +225,30 @@ class Policy:
         return gens
 
     def decoder_for_sampling(self):
-        """The engine `generate` samples with: a `FastDecoder` over the current weights when
-        `decode_engine` is "fast", or "auto" and the model is one it runs; else None
-        (sample through the model's own `decode`)."""
+        """The engine `generate` samples with (`decode_engine`, the recipe's `rollouts.engine`):
+        "static" a `StaticDecoder` (CUDA graphs on CUDA); "fast" a `FastDecoder`; "auto" the
+        static decoder on CUDA and the fast one elsewhere, where they run the model; None
+        ("hf", or "auto" on a model neither runs): sample through the model's own `decode`."""
         from .engine import FastDecoder
+        from .static_decoder import StaticDecoder
 
-        return self._engine(getattr(self, "decode_engine", "auto"), FastDecoder, "rollouts.engine", "the fast decoder",
-                            "sample through transformers")
+        choice = getattr(self, "decode_engine", "auto")
+        if choice == "static" or (choice == "auto" and self.device.type == "cuda" and StaticDecoder.unsupported(self.model) is None):
+            reason = StaticDecoder.unsupported(self.model)
+            if reason is not None:
+                raise ValueError(f"rollouts.engine is 'static' but the static decoder cannot run this model: {reason}; "
+                                 "set rollouts.engine: auto (or fast, hf)")
+            static = getattr(self, "_static", None)
+            if static is not None and static.source == id(self.model):
+                try:
+                    static.refresh(self.model)  # the current weights into the buffers its graphs read
+                    return static
+                except ValueError:  # other shapes: build anew
+                    pass
+            self._static = StaticDecoder(self.model)
+            return self._static
+        return self._engine(choice, FastDecoder, "rollouts.engine", "the fast decoder", "sample through transformers")
 
-    # -- training forward ----------------------------------------------------------------
     def forward_for_training(self):
         """The engine the training forward runs on: a `FastForward` when `forward_engine` is
         "fast", or "auto" and the model is one it runs (now: under ZeRO-3 the weights are

@@ -46,3 +46,27 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampli
     pick = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
     tokens = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def decode_loop(last: torch.Tensor, step, uniforms: torch.Tensor, sampling: Sampling, stops: torch.Tensor,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample up to T = uniforms.shape[1] tokens per row from the first logits `last` [B, V],
+    `step(tokens [B]) -> logits [B, V]` running the model on each sampled token; a row stops
+    after one of `stops` (which it keeps). Returns tokens [B, T] (pad after a stop), their
+    log-probabilities [B, T] (0 after a stop), lengths [B] and done [B]."""
+    B, T = uniforms.shape
+    out = torch.full((B, T), pad_id, dtype=torch.long, device=last.device)
+    logps = torch.zeros(B, T, device=last.device)
+    done = torch.zeros(B, dtype=torch.bool, device=last.device)
+    lengths = torch.full((B,), T, device=last.device)
+    for t in range(T):
+        tok, lp = sample_tokens(last, uniforms[:, t], sampling)
+        tok = torch.where(done, pad_id, tok)
+        out[:, t], logps[:, t] = tok, torch.where(done, 0.0, lp)
+        newly = ~done & torch.isin(tok, stops)
+        lengths = torch.where(newly, t + 1, lengths)
+        done |= newly
+        if bool(done.all()) or t == T - 1:
+            break
+        last = step(tok)
+    return out, logps, lengths, done

@@ -185,7 +185,7 @@ class RolloutConfig:
     # sampling: "auto" = vocalign's fast decoder (merged LoRA, fused projections, in-place KV
     # cache) where it runs the model (Qwen2-family LMs), else transformers; "fast": it or an
     # error; "hf": always through transformers
-    engine: Literal["auto", "fast", "hf"] = "auto"
+    engine: Literal["auto", "static", "fast", "hf"] = "auto"
     tools: list[str] = field(default_factory=list)  # tools the policy may call (multi-turn rollouts)
     max_turns: int = 2  # tool calls per response at most
     tool_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tool, e.g. {retrieval: {root: docs/}}

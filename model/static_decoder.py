@@ -1,0 +1,317 @@
+"""Decoding at fixed shapes: a static KV cache, one attention kernel, and on CUDA each
+decode step replayed as a CUDA graph.
+
+`FastDecoder` removes `transformers`' per-step work but still launches a few hundred
+small kernels per token from Python, and its attention goes through
+`scaled_dot_product_attention`, which on a GPU picks a backend (and cuDNN builds a plan)
+for every new key length. At batch 128 a decode step of a 0.5B model reads about a
+gigabyte, well under a millisecond of an H200's memory bandwidth, so that CPU-side work
+is most of the step. `StaticDecoder` removes it:
+
+- **Static shapes.** The KV cache is allocated once per (batch bucket, capacity bucket)
+  and written in place at a position held in a device tensor; the batch is padded to a
+  power of two and the capacity (prompt + new tokens) rounded up to a multiple of 64.
+  Padded rows start finished and attend to one zero key.
+- **One attention kernel.** A decode step's query is one token, so attention is two
+  batched matmuls over the whole cache, the grouped query heads of each KV head reading
+  that head's keys once (no repeat of K and V, as SDPA's memory-efficient kernel needs
+  for grouped-query attention with a mask), with the padding and the not-yet-written
+  positions masked out; scores and softmax in float32. No backend is chosen per call.
+- **The whole step on the device.** Sampling (`sample_tokens`, the same inverse-CDF
+  sampler with one uniform per token), the stop test, the output and length updates,
+  the token's embedding, rotary embedding (a table made once per capacity), the layers
+  and the LM head all read and write preallocated tensors; the step counter is a device
+  tensor the step increments. The host replays the step and looks at `done` only every
+  `check_every` steps.
+- **CUDA graphs.** On CUDA the step is captured once per bucket with `torch.cuda.CUDAGraph`
+  (all graphs share one memory pool) and replayed; the weights are the decoder's own
+  buffers, refreshed in place (`refresh`) from the model before each generation, so a
+  graph captured at the first step stays valid for the whole run. On a CPU the same step
+  runs eagerly; that is how it is tested against `FastDecoder`.
+- **LoRA** is merged into the refreshed weights, as `FastDecoder` merges it.
+
+The prompt runs once per distinct prompt through `FastDecoder`'s prefill (eagerly; it is
+one call per generation) over the same buffers, and its keys and values are copied into
+the static cache.
+
+Cost: a copy of the weights (as a colocated inference engine holds its own) and one KV
+cache per cached bucket, at most `max_graphs` of them (the least recently used is dropped).
+What it runs: what `FastDecoder` runs (Qwen2-family decoders), with the default or linear
+rotary embedding (a table of positions needs position-independent frequencies).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from .engine import FastDecoder, _parts
+from .kernels import linear, qkv_rope, rms_norm, swiglu
+from .sampling import Sampling, sample_tokens
+
+CAPACITY_STEP = 64  # the KV cache's length is rounded up to a multiple of this
+MAX_STOPS = 8  # stop tokens a graph's stop test holds (unused slots are -1)
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch a graph is captured for: the next power of two."""
+    return 1 << max(0, (rows - 1).bit_length())
+
+
+def capacity_bucket(positions: int) -> int:
+    return -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def _tensors(fast: FastDecoder) -> list[torch.Tensor]:
+    """Every weight tensor the decoder reads, in a fixed order (None biases left out)."""
+    out = []
+    for layer in fast.layers:
+        out += [layer["norm1"][0], layer["norm2"][0]]
+        for key in ("qkv", "o", "gate_up", "down"):
+            out += [t for t in layer[key] if t is not None]
+    return out + [fast.final_norm[0], *(t for t in fast.head if t is not None)]
+
+
+class StaticDecoder:
+    """Sampling at fixed shapes over its own copy of a Qwen2-family decoder's weights.
+
+        decoder = StaticDecoder(policy.model)     # or StaticDecoder.unsupported(model) first
+        decoder.refresh(policy.model)             # before each generation: the current weights
+        tokens, logps, lengths, done = decoder.sample(embeds, mask, rows, uniforms, sampling, stops, pad_id)
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 4, check_every: int | None = None) -> None:
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the static decoder cannot run {type(model).__name__}: {reason}; sample with rollouts.engine: fast or hf")
+        self.fast = FastDecoder(model)
+        # own the weights: the fused (and merged) ones are new tensors already; the others are cloned
+        owned = {id(t): t.detach().clone() for t in _tensors(self.fast)}
+        for layer in self.fast.layers:
+            for key in ("norm1", "norm2", "qkv", "o", "gate_up", "down"):
+                layer[key] = tuple(owned[id(t)] if isinstance(t, torch.Tensor) else t for t in layer[key])
+        self.fast.final_norm = (owned[id(self.fast.final_norm[0])], self.fast.final_norm[1])
+        self.fast.head = tuple(owned[id(t)] if t is not None else None for t in self.fast.head)
+        table = _parts(model)[0].get_input_embeddings().weight
+        self.embed = owned.get(id(table), None)  # a tied LM head is the embedding: one copy serves both
+        if self.embed is None:
+            self.embed = table.detach().clone()
+        self.source = id(model)
+        self.device, self.dtype = self.embed.device, self.fast.layers[0]["qkv"][0].dtype
+        self.max_graphs = max_graphs
+        # CPU: the step runs eagerly and a look at `done` costs nothing; CUDA: every 16 steps
+        self.check_every = check_every or (16 if self.device.type == "cuda" else 1)
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        """Why `model` cannot run on this decoder, or None if it can."""
+        reason = FastDecoder.unsupported(model)
+        if reason is not None:
+            return reason
+        decoder, _ = _parts(model)
+        if not hasattr(decoder, "get_input_embeddings"):
+            return f"{type(decoder).__name__} has no get_input_embeddings() to embed sampled tokens with"
+        rope = getattr(decoder.config, "rope_scaling", None) or getattr(decoder.config, "rope_parameters", None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if kind not in ("default", "linear"):
+            return f"its rotary embedding is {kind!r}: its frequencies depend on the length, and the decoder tabulates them"
+        return None
+
+    def refresh(self, model: nn.Module) -> None:
+        """Copy the model's current weights (LoRA merged) into the decoder's, in place."""
+        now = FastDecoder(model)
+        mine, theirs = _tensors(self.fast), _tensors(now)
+        if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
+            raise ValueError("the model's weights no longer have the shapes this static decoder was built for; build a new one")
+        with torch.no_grad():
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+            self.embed.copy_(_parts(model)[0].get_input_embeddings().weight)
+
+    # -- the host side ------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, uniforms: torch.Tensor,
+               sampling: Sampling, stops: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample up to T = uniforms.shape[1] tokens for each of the B rows of `rows` (row b
+        continues prompt rows[b] of the left-padded embeds [U, P, H], mask [U, P]); `uniforms`
+        [B, T] are each row's uniforms. A row stops after one of `stops`. Returns tokens
+        [B, T] (pad after a stop), their log-probabilities [B, T] (0 after a stop), lengths
+        [B] and done [B], as `Policy.generate`'s loop computes them."""
+        if stops.numel() > MAX_STOPS:
+            raise ValueError(f"{stops.numel()} stop tokens; the static decoder holds at most {MAX_STOPS}")
+        (U, P, _), (B, T) = embeds.shape, uniforms.shape
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        last = self.fast.prefill(embeds, mask, positions, capacity=P, rows=rows)  # [B, V]; the cache [B, kv, P, d]
+        graph = self._graph(batch_bucket(B), capacity_bucket(P + T), sampling.top_p < 1.0)
+        graph.load(self.fast, last, positions[rows, -1] + 1, uniforms, sampling, stops, pad_id)
+        self.fast.keys, self.fast.values, self.fast.valid = [], [], None  # the prefill's cache: copied, freed
+        for t in range(T):
+            graph.step()
+            if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(graph.done[:B].all())):
+                break
+        s = graph.state
+        return s.out[:B, :T].clone(), s.logps[:B, :T].clone(), s.lengths[:B].clone(), s.done[:B].clone()
+
+    def _graph(self, rows: int, capacity: int, nucleus: bool) -> "_Graph":
+        key = (rows, capacity, nucleus)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        self._graphs[key] = _Graph(self, rows, capacity, nucleus)
+        return self._graphs[key]
+
+    def rope(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [capacity, head_dim] of positions 0..capacity-1, from the model's rotary module."""
+        if capacity not in self._rope:
+            probe = torch.zeros(1, capacity, 1, dtype=self.dtype, device=self.device)
+            cos, sin = self.fast.decoder.rotary_emb(probe, torch.arange(capacity, device=self.device)[None])
+            self._rope = {capacity: (cos[0].contiguous(), sin[0].contiguous())}  # one table: the latest capacity
+        return self._rope[capacity]
+
+    @property
+    def graphs(self) -> list[tuple]:
+        """The cached buckets: (batch, capacity, nucleus) and whether each replays a CUDA graph."""
+        return [(*key, g.graph is not None) for key, g in self._graphs.items()]
+
+
+class _Graph:
+    """One bucket: its static state and its step, captured as a CUDA graph on CUDA."""
+
+    def __init__(self, owner: StaticDecoder, rows: int, capacity: int, nucleus: bool) -> None:
+        f = owner.fast
+        dev, dtype = owner.device, owner.dtype
+        self.owner, self.rows, self.capacity, self.nucleus = owner, rows, capacity, nucleus
+        cos, sin = owner.rope(capacity)
+        V = f.head[0].shape[0]
+        self.state = s = SimpleNamespace(
+            keys=[torch.zeros(rows, f.n_kv, capacity, f.head_dim, dtype=dtype, device=dev) for _ in f.layers],
+            values=[torch.zeros(rows, f.n_kv, capacity, f.head_dim, dtype=dtype, device=dev) for _ in f.layers],
+            valid=torch.zeros(rows, capacity, dtype=torch.bool, device=dev),
+            last=torch.zeros(rows, V, dtype=torch.float32, device=dev),  # the logits the next token is sampled from
+            position=torch.zeros(rows, dtype=torch.long, device=dev),  # the next token's position
+            uniforms=torch.zeros(rows, capacity, dtype=torch.float32, device=dev),
+            out=torch.zeros(rows, capacity, dtype=torch.long, device=dev),
+            logps=torch.zeros(rows, capacity, dtype=torch.float32, device=dev),
+            lengths=torch.zeros(rows, dtype=torch.long, device=dev),
+            done=torch.ones(rows, dtype=torch.bool, device=dev),
+            t=torch.zeros(1, dtype=torch.long, device=dev),  # the step
+            start=torch.zeros(1, dtype=torch.long, device=dev),  # the prompt's length: the cache slot of step 0
+            stops=torch.full((MAX_STOPS,), -1, dtype=torch.long, device=dev),
+            pad=torch.zeros((), dtype=torch.long, device=dev),
+            sampling=SimpleNamespace(temperature=torch.ones((), device=dev), top_p=torch.ones((), device=dev)),
+            cos=cos, sin=sin,
+        )
+        self.done = s.done
+        self.graph = None
+        if dev.type == "cuda":
+            self.graph = self._capture(owner._pool)
+
+    def _capture(self, pool):
+        try:
+            with torch.cuda.device(self.owner.device):
+                return self._capture_here(pool)
+        except Exception as error:  # noqa: BLE001 - the eager step computes the same; say so and go on
+            torch.cuda.synchronize(self.owner.device)
+            warnings.warn(f"capturing the decode step as a CUDA graph failed ({error!r}); it runs eagerly (same results, slower)",
+                          stacklevel=3)
+            return None
+
+    def _capture_here(self, pool):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (cuBLAS handles, allocator) on a side stream, as capture requires
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: a Ray worker's other threads may touch CUDA while this captures
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self._step()
+        return graph
+
+    def load(self, fast: FastDecoder, last: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor,
+             sampling: Sampling, stops: torch.Tensor, pad_id: int) -> None:
+        """A generation's state: the prefill's cache and last logits, each row's next position,
+        its uniforms, the sampling settings, the stop tokens and the pad id."""
+        s, (B, T) = self.state, uniforms.shape
+        P = fast.keys[0].shape[2]
+        for mine, theirs in zip(s.keys + s.values, fast.keys + fast.values):
+            mine[:B, :, :P] = theirs
+        s.valid.zero_()
+        s.valid[:B, :P] = fast.valid[:, :P]
+        s.valid[B:, 0] = True  # a padded row attends to one (zero) key: no empty softmax
+        s.last.zero_()
+        s.last[:B] = last
+        s.position.zero_()
+        s.position[:B] = position
+        s.uniforms.zero_()
+        s.uniforms[:B, :T] = uniforms
+        s.out.fill_(pad_id)
+        s.logps.zero_()
+        s.lengths.fill_(T)
+        s.done.fill_(True)
+        s.done[:B] = False
+        s.t.zero_()
+        s.start.fill_(P)
+        s.stops.fill_(-1)
+        s.stops[: stops.numel()] = stops
+        s.pad.fill_(pad_id)
+        s.sampling.temperature.fill_(sampling.temperature)
+        s.sampling.top_p.fill_(sampling.top_p)
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    # -- the device side: fixed shapes, no host reads ------------------------------------
+    def _step(self) -> None:
+        s, f = self.state, self.owner.fast
+        # sample this step's token from the last logits (top_p is a Python choice of the bucket)
+        settings = s.sampling if self.nucleus else SimpleNamespace(temperature=s.sampling.temperature, top_p=1.0)
+        token, logp = sample_tokens(s.last, s.uniforms.index_select(1, s.t).squeeze(1), settings)
+        token = torch.where(s.done, s.pad, token)
+        s.out.index_copy_(1, s.t, token.unsqueeze(1))
+        s.logps.index_copy_(1, s.t, torch.where(s.done, 0.0, logp).unsqueeze(1))
+        newly = ~s.done & (token.unsqueeze(1) == s.stops).any(-1)
+        s.lengths.copy_(torch.where(newly, s.t + 1, s.lengths))
+        s.done.logical_or_(newly)
+        # run it: its key and value go to cache slot start + t
+        slot = s.start + s.t
+        s.valid.index_fill_(1, slot, True)
+        x = self.owner.embed.index_select(0, token).to(self.owner.dtype)
+        B, H = x.shape
+        cos = s.cos.index_select(0, s.position).view(B, 1, 1, -1)
+        sin = s.sin.index_select(0, s.position).view(B, 1, 1, -1)
+        bias = torch.zeros(s.valid.shape, dtype=torch.float32, device=x.device).masked_fill_(~s.valid, float("-inf"))
+        bias = bias.view(B, 1, 1, -1)
+        group = f.n_heads // f.n_kv
+        for i, w in enumerate(f.layers):
+            h = rms_norm(x, *w["norm1"])
+            q, k, v = qkv_rope(linear(h, *w["qkv"]).view(B, 1, -1), cos, sin, f.n_heads, f.n_kv)
+            s.keys[i].index_copy_(2, slot, k)
+            s.values[i].index_copy_(2, slot, v)
+            attn = _decode_attention(q.view(B, f.n_kv, group, -1), s.keys[i], s.values[i], bias, w["scale"])
+            x = linear(attn.reshape(B, -1), *w["o"], residual=x)
+            h = rms_norm(x, *w["norm2"])
+            x = linear(swiglu(linear(h, *w["gate_up"])), *w["down"], residual=x)
+        s.last.copy_(linear(rms_norm(x, *f.final_norm), *f.head))
+        s.position.add_(1)
+        s.t.add_(1)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per row: q [B, KV, G, d] (the G query heads of each KV head) over the
+    cache keys/values [B, KV, S, d], bias [B, 1, 1, S] (0 or -inf). Returns [B, KV, G, d]."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)

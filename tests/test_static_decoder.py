@@ -1,0 +1,110 @@
+"""The static decoder (`vocalign.model.static_decoder`): on a CPU its fixed-shape decode step
+runs eagerly, the same step a CUDA graph replays on a GPU. Checked against the fast decoder
+(itself checked against transformers in test_engine.py) on the three model kinds vocalign
+runs, tiny and built from configs: the same tokens from the same seeds, log-probabilities
+within 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vocalign.model.decoding import decode
+from vocalign.model.engine import FastDecoder
+from vocalign.model.policy import Sampling
+from vocalign.model.static_decoder import MAX_STOPS, StaticDecoder, batch_bucket, capacity_bucket
+
+from test_engine import assert_same_generations, generate, make_policy, make_prompts, policy_under_test, randomise_lora, text_lm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
+
+@pytest.mark.parametrize("kind", ["embedded", "qwen2-audio", "text"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_static_decoder_samples_what_the_fast_decoder_samples(kind, lora):
+    policy = policy_under_test(kind, lora)
+    prompts = make_prompts(kind)
+    static, fast = generate(policy, "static", prompts, temperature=1.3), generate(policy, "fast", prompts, temperature=1.3)
+    assert isinstance(policy._static, StaticDecoder)
+    assert_same_generations(static, fast)
+    assert len({tuple(g.response_ids) for g in static}) > 3  # sampled, not one repeated sequence
+    # 3 prompts x 3 samples pad to a batch of 16, prompt + 16 new tokens to a multiple of 64;
+    # on a CPU nothing is captured
+    P = max(len(ids) for ids in policy.encode_prompts(prompts).ids)
+    assert policy._static.graphs == [(16, capacity_bucket(P + 16), False, False)]
+
+
+def test_top_p_greedy_and_stop_ids_behave_the_same():
+    policy = make_policy("embedded")
+    prompts = make_prompts("embedded")
+    for sampling in ({"top_p": 0.8}, {"temperature": 1e-4}):
+        assert_same_generations(generate(policy, "static", prompts, **sampling), generate(policy, "fast", prompts, **sampling))
+    free = generate(policy, "fast", prompts, temperature=1.5)
+    counts: dict[int, int] = {}
+    for g in free:
+        for t in g.response_ids[1:-1]:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)  # a token sampled mid-response: a stop id cuts responses there
+    batch = policy.encode_prompts(prompts)
+    runs = {}
+    for engine in ("static", "fast"):
+        policy.decode_engine = engine
+        runs[engine] = policy.generate(batch, n=3, sampling=Sampling(max_new_tokens=16, temperature=1.5), seed=7, stop_ids=[stop])
+    assert_same_generations(runs["static"], runs["fast"])
+    assert any(g.response_ids[-1] == stop and len(g.response_ids) < 16 for g in runs["static"])
+    # the nucleus and the plain sampler are two buckets of the same shape
+    assert sorted(key[2] for key in policy._static.graphs) == [False, True]
+
+
+def test_it_follows_the_weights_without_rebuilding():
+    """One decoder per policy: each generation copies the current weights (LoRA merged) into
+    the buffers its graphs read, so an update is seen and the graphs are kept."""
+    policy = make_policy("text")
+    policy.enable_lora(r=4, alpha=8)
+    prompts = make_prompts("text")
+    before = generate(policy, "static", prompts)
+    decoder, buffers = policy._static, policy._static._graphs
+    randomise_lora(policy, seed=3)
+    after = generate(policy, "static", prompts)
+    assert policy._static is decoder and policy._static._graphs is buffers
+    assert_same_generations(after, generate(policy, "fast", prompts))
+    assert [g.response_ids for g in after] != [g.response_ids for g in before]
+    with policy.model.lm.disable_adapter():  # the KL reference's view: the base model
+        assert_same_generations(generate(policy, "static", prompts), before)
+
+
+def test_buckets_pad_the_batch_and_the_oldest_is_dropped():
+    assert [batch_bucket(n) for n in (1, 2, 3, 8, 9, 128, 129)] == [1, 2, 4, 8, 16, 128, 256]
+    assert [capacity_bucket(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
+    policy = make_policy("text")
+    decoder = StaticDecoder(policy.model, max_graphs=2)
+    batch = policy.encode_prompts(make_prompts("text"))
+    prompts = policy.sequences(batch.ids, [[] for _ in batch.ids], batch.encoded)
+    P = prompts.prompt_len
+    embeds = policy.model.input_embeddings(prompts.input_ids[:, :P], None)
+    mask = prompts.attention_mask[:, :P]
+    stops = torch.tensor([policy.tokenizer.eot_id])
+    for rows, T in (([0, 1, 2], 8), ([0, 1, 2, 0, 1], 8), ([2], 8), ([0, 1, 2], 8)):
+        uniforms = torch.rand(len(rows), T, generator=torch.Generator().manual_seed(5))
+        args = (embeds, mask, torch.tensor(rows), uniforms, Sampling(max_new_tokens=T), stops, policy.tokenizer.pad_id)
+        got = decode(policy.model, decoder, *args)
+        want = decode(policy.model, FastDecoder(policy.model), *args)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # batches of 3, 5 and 1 rows: buckets 4, 8 and 1; two are kept, the least recently used dropped
+    assert [key[0] for key in decoder.graphs] == [1, 4]
+
+
+def test_bad_use_is_refused_with_the_reason():
+    policy = text_lm(policy_under_test("text", False).tokenizer, hidden_act="gelu")
+    prompts = make_prompts("text")
+    with pytest.raises(ValueError, match="rollouts.engine is 'static'.*gelu.*rollouts.engine: auto"):
+        generate(policy, "static", prompts)
+    assert StaticDecoder.unsupported(make_policy("text").model) is None
+    policy = make_policy("text")
+    policy.decode_engine = "auto"  # on a CPU: the fast decoder
+    assert isinstance(policy.decoder_for_sampling(), FastDecoder)
+    batch = policy.encode_prompts(prompts)
+    policy.decode_engine = "static"
+    with pytest.raises(ValueError, match=f"at most {MAX_STOPS}"):
+        policy.generate(batch, n=1, sampling=Sampling(max_new_tokens=4), stop_ids=list(range(MAX_STOPS)))
