@@ -16,7 +16,9 @@ Two parts, on a Qwen2 built from a config (random weights, the embedded tokenize
    samples, up to `--new-tokens` new tokens) generated, then one update (log-probs and
    entropies, backward, AdamW step), each with the fast paths (`rollouts.engine: auto`,
    `rl.forward_engine: auto`, shared prompts) and with the `transformers` paths
-   (`hf`, each row whole); the median of `--repeats` after one warm-up.
+   (`hf`, each row whole); the median of `--repeats` after one warm-up. The update's
+   model FLOP/s (6 x matmul parameters x useful tokens; see `update_flops`) and, on a GPU,
+   its MFU against the datasheet's dense peak and against a measured 8192^3 matmul.
 
 Prints a Markdown table and writes bench/results/engine-<device>-<preset>.json (`--out`).
 """
@@ -135,7 +137,7 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
     policy = make_policy(tokenizer, args.preset, args.device, dtype)
     prompts = make_prompts(args.prompts)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
-    results = {key: {"generate_s": [], "update_s": [], "tokens": []} for key in ("fast", "transformers")}
+    results = {key: {"generate_s": [], "update_s": [], "tokens": [], "flops": []} for key in ("fast", "transformers")}
     for r in range(args.repeats + 1):  # the two take turns; round 0 is a warm-up
         for fast in (True, False):
             use(policy, fast)
@@ -156,6 +158,7 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
                 got["generate_s"].append(mid - start)
                 got["update_s"].append(end - mid)
                 got["tokens"].append(sum(len(g.response_ids) for g in gens) / len(gens))
+                got["flops"].append(update_flops(policy, seq))
     summary = {}
     for key, r in results.items():
         summary[key] = {
@@ -163,9 +166,48 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
             "mean_response_tokens": statistics.mean(r["tokens"]),
         }
         summary[key]["samples_per_s"] = args.prompts * args.group / (summary[key]["generate_s"] + summary[key]["update_s"])
+        summary[key]["update_model_tflop"] = statistics.median(r["flops"]) / 1e12
+        summary[key]["update_tflops_per_s"] = statistics.median(f / s for f, s in zip(r["flops"], r["update_s"])) / 1e12
     if args.device == "cuda":
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        summary["peak_tflops"] = {"datasheet_dense": DATASHEET_TFLOPS.get(args.dtype, {}).get(
+            next((k for k in DATASHEET_TFLOPS["bfloat16"] if k in torch.cuda.get_device_name()), ""), None),
+            "measured_matmul": matmul_tflops(getattr(torch, args.dtype))}
+        for key in ("fast", "transformers"):
+            for peak, value in summary["peak_tflops"].items():
+                if value:
+                    summary[key][f"update_mfu_vs_{peak}"] = summary[key]["update_tflops_per_s"] / value
     return summary
+
+
+# NVIDIA's datasheet dense tensor-core peaks (TFLOP/s, SXM parts): H100 and H200 989 in bf16, 494 in TF32
+DATASHEET_TFLOPS = {"bfloat16": {"H100": 989.0, "H200": 989.0, "A100": 312.0}, "float32": {"H100": 494.0, "H200": 494.0, "A100": 156.0}}
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 8192) -> float:
+    """This GPU's measured matmul rate: an n x n x n product, the mean of 10 after 3 warm-ups."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def update_flops(policy: Policy, seq) -> float:
+    """Model FLOPs of one update on `seq`: 6 x (matmul parameters, the LM head included) per
+    useful token (each distinct prompt's tokens once, each row's response tokens), attention's
+    score and value products left out (under 2% at these lengths)."""
+    lm = policy.model.lm
+    config = lm.config
+    params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n and p.dim() == 2)
+    params += config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    P = seq.prompt_len
+    prompts = seq.attention_mask[seq.prompt_rows, :P].sum()
+    return 6.0 * params * float(prompts + seq.response_mask.sum())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -227,13 +227,16 @@ class Policy:
     def decoder_for_sampling(self):
         """The engine `generate` samples with (`decode_engine`, the recipe's `rollouts.engine`):
         "static" a `StaticDecoder` (CUDA graphs on CUDA); "fast" a `FastDecoder`; "auto" the
-        static decoder on CUDA and the fast one elsewhere, where they run the model; None
+        static decoder on CUDA (but under ZeRO-3) and the fast one elsewhere, where they run the model; None
         ("hf", or "auto" on a model neither runs): sample through the model's own `decode`."""
         from .engine import FastDecoder
         from .static_decoder import StaticDecoder
 
         choice = getattr(self, "decode_engine", "auto")
-        if choice == "static" or (choice == "auto" and self.device.type == "cuda" and StaticDecoder.unsupported(self.model) is None):
+        # auto leaves ZeRO-3 (parameters with a ds_id) to the fast decoder: a static one keeps a whole copy
+        zero3 = any(hasattr(p, "ds_id") for p in self.model.parameters())
+        if choice == "static" or (choice == "auto" and self.device.type == "cuda" and not zero3
+                                  and StaticDecoder.unsupported(self.model) is None):
             reason = StaticDecoder.unsupported(self.model)
             if reason is not None:
                 raise ValueError(f"rollouts.engine is 'static' but the static decoder cannot run this model: {reason}; "

@@ -108,3 +108,23 @@ def test_bad_use_is_refused_with_the_reason():
     policy.decode_engine = "static"
     with pytest.raises(ValueError, match=f"at most {MAX_STOPS}"):
         policy.generate(batch, n=1, sampling=Sampling(max_new_tokens=4), stop_ids=list(range(MAX_STOPS)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here: the CUDA-graph case runs in bench/gpu_check.sh")
+@pytest.mark.parametrize("kind", ["embedded", "text"])
+def test_on_cuda_the_step_is_a_graph_that_follows_the_weights(kind):
+    """Captured once, replayed: the same tokens as the fast decoder (float32, TF32 off), and
+    after an update of the adapters the same graph samples from the new weights."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    policy = policy_under_test(kind, lora=True)
+    policy.model.to("cuda")
+    prompts = make_prompts(kind)
+    static = generate(policy, "auto", prompts, temperature=1.3)  # auto on CUDA: the static decoder
+    assert isinstance(policy._static, StaticDecoder) and all(captured for *_, captured in policy._static.graphs)
+    assert_same_generations(static, generate(policy, "fast", prompts, temperature=1.3))
+    graphs = policy._static.graphs
+    randomise_lora(policy, seed=3)
+    after = generate(policy, "static", prompts, temperature=1.3)
+    assert policy._static.graphs == graphs  # nothing captured again
+    assert_same_generations(after, generate(policy, "fast", prompts, temperature=1.3))
+    assert [g.response_ids for g in after] != [g.response_ids for g in static]
