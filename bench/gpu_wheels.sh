@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Download the wheels bench/gpu_check.sh installs on a GPU machine that has torch and most of
-# the scientific stack but lacks vocalign's audio and config packages (and espeak-ng, which the
-# espeakng-loader wheel carries), or holds an older transformers than vocalign needs (with the
-# hub client it needs). Versions are those of .venv (what `make test` runs), else the newest.
+# Download the wheels bench/gpu_check.sh installs on a GPU machine that has torch, transformers,
+# peft and most of the scientific stack but lacks vocalign's audio and config packages (and
+# espeak-ng, which the espeakng-loader wheel carries). Versions are those of .venv (what
+# `make test` runs), else the newest. WITH_TRANSFORMERS=1 adds transformers and the hub client
+# it needs, for a machine whose transformers is older than vocalign's requirement (vocalign's
+# own `transformers` sampling path, `rollouts.engine: hf`, needs it; the demo runs without).
 #
 #     bash bench/gpu_wheels.sh [WHEELS_DIR=.whl] [PYTHON_VERSION=3.12]
 set -euo pipefail
 DIR=${1:-.whl}
 PY=${2:-3.12}
-NAMES="transformers tokenizers huggingface_hub httpx2 httpcore2 truststore hf-xet regex kernels tomlkit peft omegaconf
-       jiwer rapidfuzz librosa audioread pooch platformdirs soxr decorator soundfile cffi pycparser espeakng-loader"
+NAMES="omegaconf jiwer rapidfuzz librosa audioread pooch platformdirs soxr decorator soundfile cffi pycparser espeakng-loader"
+if [ "${WITH_TRANSFORMERS:-0}" = 1 ]; then
+  NAMES="$NAMES transformers tokenizers huggingface_hub httpx2 httpcore2 truststore hf-xet regex kernels tomlkit peft"
+fi
 mkdir -p "$DIR"
 specs=()
 for name in $NAMES; do

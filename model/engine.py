@@ -95,9 +95,10 @@ class FastDecoder:
     MLP_LAYER = ("gate_proj", "up_proj", "down_proj")
 
     @classmethod
-    def unsupported(cls, model: nn.Module) -> str | None:
-        """Why `model` cannot run on this engine, or None if it can."""
-        parts = _parts(model)
+    def unsupported(cls, model: nn.Module, parts: tuple[nn.Module, nn.Module] | None = None) -> str | None:
+        """Why `model` cannot run on this engine, or None if it can. `parts`: its (decoder, LM
+        head), where they are not `model.lm`'s (a Qwen2.5-Omni thinker's or talker's)."""
+        parts = parts or _parts(model)
         if isinstance(parts, str):
             return parts
         decoder, head = parts
@@ -130,11 +131,11 @@ class FastDecoder:
             return "its weights are partitioned (DeepSpeed ZeRO-3 outside full_parameters())"
         return None
 
-    def __init__(self, model: nn.Module) -> None:
-        reason = self.unsupported(model)
+    def __init__(self, model: nn.Module, parts: tuple[nn.Module, nn.Module] | None = None) -> None:
+        reason = self.unsupported(model, parts)
         if reason is not None:
             raise ValueError(f"the fast decoder cannot run {type(model).__name__}: {reason}; sample with rollouts.engine: hf")
-        decoder, head = _parts(model)
+        decoder, head = parts or _parts(model)
         config = decoder.config
         self.decoder = decoder
         self.n_heads = config.num_attention_heads

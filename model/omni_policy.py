@@ -124,6 +124,15 @@ class OmniPolicy(Policy):
         self.shared_prompt_forward = False  # every row runs its own forward (below)
         self.set_train_parts(train_parts)
 
+    @property
+    def decode_engine(self) -> str:
+        """`rollouts.engine`, which the model's own sampling reads (see omni_static.py)."""
+        return self.model.decode_engine
+
+    @decode_engine.setter
+    def decode_engine(self, value: str) -> None:
+        self.model.decode_engine = value
+
     # -- what trains ---------------------------------------------------------------------
     def set_train_parts(self, parts: Sequence[str]) -> None:
         problem = parts_problem(parts)

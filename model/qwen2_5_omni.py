@@ -113,6 +113,7 @@ class OmniSpeech(nn.Module):
         allowed[self.codec["bos"]] = False
         allowed[self.code_stops] = True
         self.register_buffer("code_allowed", allowed, persistent=False)
+        self.decode_engine = "auto"  # how the two streams sample: auto, static or hf (see omni_static.py)
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -276,6 +277,10 @@ class OmniSpeech(nn.Module):
         None), and the prompt's last hidden states [1, L, H]."""
         from transformers import DynamicCache
 
+        from . import omni_static
+
+        if omni_static.use_static(self):
+            return omni_static.sample_text(self, embeds, positions, uniforms, sampling)
         R, T = uniforms.shape[0], sampling.max_new_tokens
         cache = DynamicCache(config=self.hf.config.thinker_config.text_config)
         logits, prompt_hidden = self._thinker(embeds, positions, cache)
@@ -310,6 +315,11 @@ class OmniSpeech(nn.Module):
             tails.append(self._reply_tail(replies, max_codes))
         B, T0 = len(rows), sampling.max_new_tokens
         prefix, tail = torch.cat(prefixes), torch.cat(tails)
+        from . import omni_static
+
+        if omni_static.use_static(self):
+            got = omni_static.sample_codes(self, prefix, talk_pos.expand(3, B, -1), tail, uniforms[rows, T0 : T0 + max_codes], sampling)
+            return dict(zip(rows, got))
         cache = DynamicCache(config=self.hf.config.talker_config)
         last = self._talker(prefix, talk_pos.expand(3, B, -1), cache)[:, -1]
         start = int(talk_pos.max()) + 1

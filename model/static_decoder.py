@@ -44,17 +44,42 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .engine import FastDecoder, _parts
+from .engine import FastDecoder, _linear, _parts
 from .kernels import linear, qkv_rope, rms_norm, swiglu
 from .sampling import Sampling, sample_tokens
 
 CAPACITY_STEP = 64  # the KV cache's length is rounded up to a multiple of this
 MAX_STOPS = 8  # stop tokens a graph's stop test holds (unused slots are -1)
+
+
+@dataclass
+class Parts:
+    """What a decode step runs: the decoder (Qwen2-style layers, final norm, rotary module), the
+    LM head, the embedding of sampled tokens and, optionally, a linear layer between that
+    embedding and the decoder (Qwen2.5-Omni's talker reads its inputs through one)."""
+
+    decoder: nn.Module
+    head: nn.Module
+    embedding: nn.Module
+    input_proj: nn.Module | None = None
+
+
+def model_parts(model: nn.Module) -> Parts | str:
+    """An `AudioLM`'s parts (`model.lm`'s decoder, head and input embedding), or why not."""
+    got = _parts(model)
+    if isinstance(got, str):
+        return got
+    decoder, head = got
+    if not hasattr(decoder, "get_input_embeddings"):
+        return f"{type(decoder).__name__} has no get_input_embeddings() to embed sampled tokens with"
+    return Parts(decoder, head, decoder.get_input_embeddings())
 
 
 def batch_bucket(rows: int) -> int:
@@ -84,11 +109,18 @@ class StaticDecoder:
         tokens, logps, lengths, done = decoder.sample(embeds, mask, rows, uniforms, sampling, stops, pad_id)
     """
 
-    def __init__(self, model: nn.Module, max_graphs: int = 4, check_every: int | None = None) -> None:
-        reason = self.unsupported(model)
+    def __init__(self, model: nn.Module, max_graphs: int = 4, check_every: int | None = None,
+                 parts: Callable[[nn.Module], Parts | str] = model_parts, allowed: torch.Tensor | None = None,
+                 record: bool = False) -> None:
+        """`parts(model)` finds what the step runs (see `Parts`); `allowed` [V] (bool) masks the
+        tokens that may never be sampled; `record` keeps each step's final hidden state plus
+        its input embedding (what Qwen2.5-Omni's talker reads of the thinker)."""
+        reason = self.unsupported(model, parts)
         if reason is not None:
             raise ValueError(f"the static decoder cannot run {type(model).__name__}: {reason}; sample with rollouts.engine: fast or hf")
-        self.fast = FastDecoder(model)
+        self.parts, self.allowed, self.record = parts, allowed, record
+        p = parts(model)
+        self.fast = FastDecoder(model, (p.decoder, p.head))
         # own the weights: the fused (and merged) ones are new tensors already; the others are cloned
         owned = {id(t): t.detach().clone() for t in _tensors(self.fast)}
         for layer in self.fast.layers:
@@ -96,12 +128,17 @@ class StaticDecoder:
                 layer[key] = tuple(owned[id(t)] if isinstance(t, torch.Tensor) else t for t in layer[key])
         self.fast.final_norm = (owned[id(self.fast.final_norm[0])], self.fast.final_norm[1])
         self.fast.head = tuple(owned[id(t)] if t is not None else None for t in self.fast.head)
-        table = _parts(model)[0].get_input_embeddings().weight
+        table = p.embedding.weight
         self.embed = owned.get(id(table), None)  # a tied LM head is the embedding: one copy serves both
         if self.embed is None:
             self.embed = table.detach().clone()
+        self.input_proj = None
+        if p.input_proj is not None:
+            self.input_proj = tuple(t.detach().clone() if t is not None else None for t in _linear(p.input_proj))
         self.source = id(model)
         self.device, self.dtype = self.embed.device, self.fast.layers[0]["qkv"][0].dtype
+        if allowed is not None:
+            self.allowed = allowed.to(self.device)
         self.max_graphs = max_graphs
         # CPU: the step runs eagerly and a look at `done` costs nothing; CUDA: every 16 steps
         self.check_every = check_every or (16 if self.device.type == "cuda" else 1)
@@ -110,15 +147,17 @@ class StaticDecoder:
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def unsupported(cls, model: nn.Module) -> str | None:
+    def unsupported(cls, model: nn.Module, parts: Callable[[nn.Module], Parts | str] = model_parts) -> str | None:
         """Why `model` cannot run on this decoder, or None if it can."""
-        reason = FastDecoder.unsupported(model)
+        p = parts(model)
+        if isinstance(p, str):
+            return p
+        reason = FastDecoder.unsupported(model, (p.decoder, p.head))
         if reason is not None:
             return reason
-        decoder, _ = _parts(model)
-        if not hasattr(decoder, "get_input_embeddings"):
-            return f"{type(decoder).__name__} has no get_input_embeddings() to embed sampled tokens with"
-        rope = getattr(decoder.config, "rope_scaling", None) or getattr(decoder.config, "rope_parameters", None) or {}
+        if p.input_proj is not None and isinstance(_linear(p.input_proj, merge=False), str):
+            return f"the input projection: {_linear(p.input_proj, merge=False)}"
+        rope = getattr(p.decoder.config, "rope_scaling", None) or getattr(p.decoder.config, "rope_parameters", None) or {}
         kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
         if kind not in ("default", "linear"):
             return f"its rotary embedding is {kind!r}: its frequencies depend on the length, and the decoder tabulates them"
@@ -126,14 +165,18 @@ class StaticDecoder:
 
     def refresh(self, model: nn.Module) -> None:
         """Copy the model's current weights (LoRA merged) into the decoder's, in place."""
-        now = FastDecoder(model)
+        p = self.parts(model)
+        now = FastDecoder(model, (p.decoder, p.head))
         mine, theirs = _tensors(self.fast), _tensors(now)
+        if p.input_proj is not None and self.input_proj is not None:
+            mine += [t for t in self.input_proj if t is not None]
+            theirs += [t for t in _linear(p.input_proj) if t is not None]
         if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
             raise ValueError("the model's weights no longer have the shapes this static decoder was built for; build a new one")
         with torch.no_grad():
             for a, b in zip(mine, theirs):
                 a.copy_(b)
-            self.embed.copy_(_parts(model)[0].get_input_embeddings().weight)
+            self.embed.copy_(p.embedding.weight)
 
     # -- the host side ------------------------------------------------------------------
     @torch.no_grad()
@@ -144,29 +187,47 @@ class StaticDecoder:
         [B, T] are each row's uniforms. A row stops after one of `stops`. Returns tokens
         [B, T] (pad after a stop), their log-probabilities [B, T] (0 after a stop), lengths
         [B] and done [B], as `Policy.generate`'s loop computes them."""
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        last = self.fast.prefill(embeds, mask, positions, capacity=mask.shape[1], rows=rows)  # [B, V]; the cache [B, kv, P, d]
+        keys, values, valid = self.fast.keys, self.fast.values, self.fast.valid
+        self.fast.keys, self.fast.values, self.fast.valid = [], [], None  # copied into the bucket's cache below
+        return self._run(keys, values, valid, last, positions[rows, -1] + 1, uniforms, sampling, stops, pad_id)[:4]
+
+    @torch.no_grad()
+    def sample_cached(self, keys: list[torch.Tensor], values: list[torch.Tensor], last: torch.Tensor, position: torch.Tensor,
+                      uniforms: torch.Tensor, sampling: Sampling, stops: torch.Tensor, pad_id: int,
+                      extra: torch.Tensor | None = None):
+        """Sample after a prefill run elsewhere (transformers): each layer's keys and values [B,
+        kv, P, d] (rotary embedding applied; every position a token), the last logits [B, V],
+        each row's next position [B]; `extra` [B, T, H] is added to the embedding of step t's
+        token. Returns what `sample` does and, with `record`, each step's final hidden state
+        plus its input [B, T, H] (else None)."""
+        valid = torch.ones(last.shape[0], keys[0].shape[2], dtype=torch.bool, device=last.device)
+        return self._run(keys, values, valid, last, position, uniforms, sampling, stops, pad_id, extra)
+
+    def _run(self, keys, values, valid, last, position, uniforms, sampling, stops, pad_id, extra=None):
         if stops.numel() > MAX_STOPS:
             raise ValueError(f"{stops.numel()} stop tokens; the static decoder holds at most {MAX_STOPS}")
-        (U, P, _), (B, T) = embeds.shape, uniforms.shape
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        last = self.fast.prefill(embeds, mask, positions, capacity=P, rows=rows)  # [B, V]; the cache [B, kv, P, d]
-        graph = self._graph(batch_bucket(B), capacity_bucket(P + T), sampling.top_p < 1.0)
-        graph.load(self.fast, last, positions[rows, -1] + 1, uniforms, sampling, stops, pad_id)
-        self.fast.keys, self.fast.values, self.fast.valid = [], [], None  # the prefill's cache: copied, freed
+        (B, T), P = uniforms.shape, keys[0].shape[2]
+        graph = self._graph(batch_bucket(B), capacity_bucket(P + T), sampling.top_p < 1.0, extra is not None)
+        graph.load(keys, values, valid, last, position, uniforms, sampling, stops, pad_id, extra)
+        del keys, values
         for t in range(T):
             graph.step()
             if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(graph.done[:B].all())):
                 break
         s = graph.state
-        return s.out[:B, :T].clone(), s.logps[:B, :T].clone(), s.lengths[:B].clone(), s.done[:B].clone()
+        recorded = s.record[:B, :T].clone() if s.record is not None else None
+        return s.out[:B, :T].clone(), s.logps[:B, :T].clone(), s.lengths[:B].clone(), s.done[:B].clone(), recorded
 
-    def _graph(self, rows: int, capacity: int, nucleus: bool) -> "_Graph":
-        key = (rows, capacity, nucleus)
+    def _graph(self, rows: int, capacity: int, nucleus: bool, extra: bool) -> "_Graph":
+        key = (rows, capacity, nucleus, extra)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
-        self._graphs[key] = _Graph(self, rows, capacity, nucleus)
+        self._graphs[key] = _Graph(self, rows, capacity, nucleus, extra)
         return self._graphs[key]
 
     def rope(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,14 +240,14 @@ class StaticDecoder:
 
     @property
     def graphs(self) -> list[tuple]:
-        """The cached buckets: (batch, capacity, nucleus) and whether each replays a CUDA graph."""
+        """The cached buckets: (batch, capacity, nucleus, extra) and whether each replays a CUDA graph."""
         return [(*key, g.graph is not None) for key, g in self._graphs.items()]
 
 
 class _Graph:
     """One bucket: its static state and its step, captured as a CUDA graph on CUDA."""
 
-    def __init__(self, owner: StaticDecoder, rows: int, capacity: int, nucleus: bool) -> None:
+    def __init__(self, owner: StaticDecoder, rows: int, capacity: int, nucleus: bool, extra: bool) -> None:
         f = owner.fast
         dev, dtype = owner.device, owner.dtype
         self.owner, self.rows, self.capacity, self.nucleus = owner, rows, capacity, nucleus
@@ -209,6 +270,9 @@ class _Graph:
             pad=torch.zeros((), dtype=torch.long, device=dev),
             sampling=SimpleNamespace(temperature=torch.ones((), device=dev), top_p=torch.ones((), device=dev)),
             cos=cos, sin=sin,
+            # per step: an addition to the token's embedding (in), its final hidden state plus its input (out)
+            extra=torch.zeros(rows, capacity, owner.embed.shape[1], dtype=dtype, device=dev) if extra else None,
+            record=torch.zeros(rows, capacity, f.layers[0]["qkv"][0].shape[1], dtype=dtype, device=dev) if owner.record else None,
         )
         self.done = s.done
         self.graph = None
@@ -238,16 +302,18 @@ class _Graph:
             self._step()
         return graph
 
-    def load(self, fast: FastDecoder, last: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor,
-             sampling: Sampling, stops: torch.Tensor, pad_id: int) -> None:
-        """A generation's state: the prefill's cache and last logits, each row's next position,
-        its uniforms, the sampling settings, the stop tokens and the pad id."""
+    def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, last: torch.Tensor,
+             position: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling, stops: torch.Tensor, pad_id: int,
+             extra: torch.Tensor | None) -> None:
+        """A generation's state: the prefill's cache [B, kv, P, d] and valid positions [B, P], its
+        last logits, each row's next position, its uniforms, the sampling settings, the stop
+        tokens, the pad id and the per-step additions to the input."""
         s, (B, T) = self.state, uniforms.shape
-        P = fast.keys[0].shape[2]
-        for mine, theirs in zip(s.keys + s.values, fast.keys + fast.values):
+        P = keys[0].shape[2]
+        for mine, theirs in zip(s.keys + s.values, keys + values):
             mine[:B, :, :P] = theirs
         s.valid.zero_()
-        s.valid[:B, :P] = fast.valid[:, :P]
+        s.valid[:B, :P] = valid[:, :P]
         s.valid[B:, 0] = True  # a padded row attends to one (zero) key: no empty softmax
         s.last.zero_()
         s.last[:B] = last
@@ -255,6 +321,9 @@ class _Graph:
         s.position[:B] = position
         s.uniforms.zero_()
         s.uniforms[:B, :T] = uniforms
+        if s.extra is not None:
+            s.extra.zero_()
+            s.extra[:B, : extra.shape[1]] = extra[:, : s.extra.shape[1]]
         s.out.fill_(pad_id)
         s.logps.zero_()
         s.lengths.fill_(T)
@@ -289,7 +358,11 @@ class _Graph:
         # run it: its key and value go to cache slot start + t
         slot = s.start + s.t
         s.valid.index_fill_(1, slot, True)
-        x = self.owner.embed.index_select(0, token).to(self.owner.dtype)
+        x = embedded = self.owner.embed.index_select(0, token).to(self.owner.dtype)
+        if s.extra is not None:
+            x = embedded = embedded + s.extra.index_select(1, s.t).squeeze(1)
+        if self.owner.input_proj is not None:
+            x = linear(embedded, *self.owner.input_proj)
         B, H = x.shape
         cos = s.cos.index_select(0, s.position).view(B, 1, 1, -1)
         sin = s.sin.index_select(0, s.position).view(B, 1, 1, -1)
@@ -305,7 +378,13 @@ class _Graph:
             x = linear(attn.reshape(B, -1), *w["o"], residual=x)
             h = rms_norm(x, *w["norm2"])
             x = linear(swiglu(linear(h, *w["gate_up"])), *w["down"], residual=x)
-        s.last.copy_(linear(rms_norm(x, *f.final_norm), *f.head))
+        hidden = rms_norm(x, *f.final_norm)
+        if s.record is not None:
+            s.record.index_copy_(1, s.t, (hidden + embedded).unsqueeze(1))
+        logits = linear(hidden, *f.head).float()
+        if self.owner.allowed is not None:
+            logits = logits.masked_fill(~self.owner.allowed, float("-inf"))
+        s.last.copy_(logits)
         s.position.add_(1)
         s.t.add_(1)
 

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 from vocalign.model.decoding import decode
+from vocalign.model.omni_policy import OmniPolicy
+from vocalign.model.omni_tiny import write_tiny_omni
+from vocalign.model.qwen2_5_omni import OmniSpeech
 from vocalign.model.engine import FastDecoder
 from vocalign.model.policy import Sampling
 from vocalign.model.static_decoder import MAX_STOPS, StaticDecoder, batch_bucket, capacity_bucket
 
 from test_engine import assert_same_generations, generate, make_policy, make_prompts, policy_under_test, randomise_lora, text_lm
+from test_omni import _prompts as omni_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -31,7 +35,7 @@ def test_the_static_decoder_samples_what_the_fast_decoder_samples(kind, lora):
     # 3 prompts x 3 samples pad to a batch of 16, prompt + 16 new tokens to a multiple of 64;
     # on a CPU nothing is captured
     P = max(len(ids) for ids in policy.encode_prompts(prompts).ids)
-    assert policy._static.graphs == [(16, capacity_bucket(P + 16), False, False)]
+    assert policy._static.graphs == [(16, capacity_bucket(P + 16), False, False, False)]
 
 
 def test_top_p_greedy_and_stop_ids_behave_the_same():
@@ -95,6 +99,34 @@ def test_buckets_pad_the_batch_and_the_oldest_is_dropped():
     assert [key[0] for key in decoder.graphs] == [1, 4]
 
 
+def test_qwen2_5_omni_thinker_and_talker_sample_what_transformers_samples(tmp_path):
+    """The thinker (recording what the talker reads) and the talker (reading it, through its
+    input projection, never sampling unrenderable codes) after a transformers prefill: the
+    same text and codes as transformers' loop, log-probs within 1e-5, with and without LoRA."""
+    omni = OmniSpeech.load(write_tiny_omni(tmp_path, seed=0))
+    policy = OmniPolicy(omni)
+    stopped = 0
+    for lora in (False, True):
+        if lora:
+            policy.enable_lora(r=4, alpha=8)
+            randomise_lora(policy)
+        for prompt in omni_prompts():
+            runs = {}
+            for engine in ("hf", "static"):
+                policy.decode_engine = engine
+                runs[engine] = omni.sample_group(prompt, Sampling(temperature=1.5, max_new_tokens=8), seed=3, indices=[0, 1, 2],
+                                                 max_codes=24, render=False)
+            for a, b in zip(runs["hf"], runs["static"]):
+                assert (a.text_ids, a.codes) == (b.text_ids, b.codes)
+                torch.testing.assert_close(torch.tensor(b.text_logprobs), torch.tensor(a.text_logprobs), atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.tensor(b.code_logprobs), torch.tensor(a.code_logprobs), atol=1e-5, rtol=0)
+                stopped += len(b.codes) < 24
+    assert stopped  # the talker's stop codes end rows early
+    policy.decode_engine = "fast"
+    with pytest.raises(ValueError, match="does not run Qwen2.5-Omni"):
+        omni.sample(omni_prompts()[1], Sampling(max_new_tokens=4), seed=0, max_codes=4, render=False)
+
+
 def test_bad_use_is_refused_with_the_reason():
     policy = text_lm(policy_under_test("text", False).tokenizer, hidden_act="gelu")
     prompts = make_prompts("text")
@@ -128,3 +160,20 @@ def test_on_cuda_the_step_is_a_graph_that_follows_the_weights(kind):
     assert policy._static.graphs == graphs  # nothing captured again
     assert_same_generations(after, generate(policy, "fast", prompts, temperature=1.3))
     assert [g.response_ids for g in after] != [g.response_ids for g in static]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here: the CUDA-graph case runs in bench/gpu_check.sh")
+def test_on_cuda_qwen2_5_omni_samples_through_graphs(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    omni = OmniSpeech.load(write_tiny_omni(tmp_path, seed=0)).to("cuda")
+    prompt, sampling = omni_prompts()[0], Sampling(temperature=1.5, max_new_tokens=8)
+    runs = {}
+    for engine in ("auto", "hf"):  # auto on CUDA: the static decoder
+        omni.decode_engine = engine
+        runs[engine] = omni.sample_group(prompt, sampling, seed=3, indices=[0, 1, 2], max_codes=24, render=False)
+    for a, b in zip(runs["hf"], runs["auto"]):
+        assert (a.text_ids, a.codes) == (b.text_ids, b.codes)
+        torch.testing.assert_close(torch.tensor(b.code_logprobs), torch.tensor(a.code_logprobs), atol=1e-5, rtol=0)
+    from vocalign.model.omni_static import decoders
+
+    assert all(captured for decoder in decoders(omni) for *_, captured in decoder.graphs)
