@@ -12,6 +12,8 @@ engine produces the same number of tokens. Engines:
 
 - `static`: vocalign's static decoder (static KV cache, fixed attention, the step a CUDA
   graph on CUDA) - what `rollouts.engine: auto` samples with on a GPU;
+- `static_compiled`: the same with its step compiled by torch.compile first
+  (`rollouts.compile: true`; the first run includes the compilation);
 - `fast`: vocalign's fast decoder (what `auto` samples with on a CPU);
 - `hf_loop`: vocalign's loop over the `transformers` forward (`rollouts.engine: hf`);
 - `hf_generate`: `transformers`' `generate` as it comes (sampling, dynamic cache);
@@ -42,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-ENGINES = ("static", "fast", "hf_loop", "hf_generate", "hf_generate_static", "hf_generate_static_eager")
+ENGINES = ("static", "static_compiled", "fast", "hf_loop", "hf_generate", "hf_generate_static", "hf_generate_static_eager")
 
 
 def qwen2_config(preset: str):
@@ -132,13 +134,13 @@ def run_engine(name: str, model, batch, new_tokens: int, state: dict):
     from vocalign.model.static_decoder import StaticDecoder
 
     ids, mask, rows, uniforms = batch
-    if name in ("static", "fast", "hf_loop"):
-        if name == "static":
-            if "static" not in state:
-                state["static"] = StaticDecoder(model)
+    if name in ("static", "static_compiled", "fast", "hf_loop"):
+        if name.startswith("static"):
+            if name not in state:
+                state[name] = StaticDecoder(model, compile=name == "static_compiled")
             else:
-                state["static"].refresh(model)  # as Policy.generate does before each generation
-            engine = state["static"]
+                state[name].refresh(model)  # as Policy.generate does before each generation
+            engine = state[name]
         else:
             engine = FastDecoder(model) if name == "fast" else None
         embeds = model.input_embeddings(ids, None)
@@ -236,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         s = statistics.median(runs)
         times[name] = {"seconds": s, "runs": runs, "first_run_seconds": warm, "tokens_per_s": B * T / s,
                        "times_the_limit": s / report["limit"]["seconds"]}
-        if name == "static":
-            times[name]["graphs"] = state["static"].graphs
+        if name.startswith("static"):
+            times[name]["graphs"] = state[name].graphs
         print(f"{name}: {s:.3f} s ({B * T / s:,.0f} tokens/s, {s / report['limit']['seconds']:.1f}x the limit; "
               f"first run {warm:.1f} s)", flush=True)
     for name, t in times.items():

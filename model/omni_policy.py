@@ -133,6 +133,14 @@ class OmniPolicy(Policy):
     def decode_engine(self, value: str) -> None:
         self.model.decode_engine = value
 
+    @property
+    def decode_compile(self) -> bool:
+        return self.model.decode_compile
+
+    @decode_compile.setter
+    def decode_compile(self, value: bool) -> None:
+        self.model.decode_compile = value
+
     # -- what trains ---------------------------------------------------------------------
     def set_train_parts(self, parts: Sequence[str]) -> None:
         problem = parts_problem(parts)

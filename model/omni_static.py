@@ -69,16 +69,16 @@ def use_static(omni) -> bool:
 
 def decoders(omni) -> tuple[StaticDecoder, StaticDecoder]:
     """The model's (thinker, talker) decoders, made once and refreshed with the current weights."""
-    got = _DECODERS.get(omni)
-    if got is not None:
+    got, compile = _DECODERS.get(omni), getattr(omni, "decode_compile", False)
+    if got is not None and got[0].compile == compile:
         try:
             for decoder in got:
                 decoder.refresh(omni)
             return got
         except ValueError:  # other shapes (LoRA added or merged differently): build anew
             pass
-    got = (StaticDecoder(omni, parts=thinker_parts, record=True),
-           StaticDecoder(omni, parts=talker_parts, allowed=omni.code_allowed))
+    got = (StaticDecoder(omni, parts=thinker_parts, record=True, compile=compile),
+           StaticDecoder(omni, parts=talker_parts, allowed=omni.code_allowed, compile=compile))
     _DECODERS[omni] = got
     return got
 

@@ -141,6 +141,7 @@ class Policy:
         # how `generate` samples: "auto" (the fast decoder where it runs the model, else
         # transformers), "fast" (the fast decoder, or an error) or "hf" (transformers)
         self.decode_engine = "auto"
+        self.decode_compile = False  # the static decoder's step through torch.compile
         # training forward: run each distinct prompt of a batch once (see response_logits)
         self.shared_prompt_forward = True
         # how the training forward runs: "auto" (the fused FastForward where it runs the
@@ -189,6 +190,11 @@ class Policy:
             prompt_of_row=prompt_of_row if len(distinct) < len(rows) else None,
             prompt_rows=[first[k] for k in range(len(distinct))], clips_per_row=[len(frames) for frames in encoded],
         )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_static", None)  # a snapshot for a rollout worker: it builds its own (graphs do not pickle)
+        return state
 
     @property
     def device(self) -> torch.device:
@@ -241,14 +247,14 @@ class Policy:
             if reason is not None:
                 raise ValueError(f"rollouts.engine is 'static' but the static decoder cannot run this model: {reason}; "
                                  "set rollouts.engine: auto (or fast, hf)")
-            static = getattr(self, "_static", None)
-            if static is not None and static.source == id(self.model):
+            static, compile = getattr(self, "_static", None), getattr(self, "decode_compile", False)
+            if static is not None and static.source == id(self.model) and static.compile == compile:
                 try:
                     static.refresh(self.model)  # the current weights into the buffers its graphs read
                     return static
                 except ValueError:  # other shapes: build anew
                     pass
-            self._static = StaticDecoder(self.model)
+            self._static = StaticDecoder(self.model, compile=compile)
             return self._static
         return self._engine(choice, FastDecoder, "rollouts.engine", "the fast decoder", "sample through transformers")
 

@@ -114,6 +114,7 @@ class OmniSpeech(nn.Module):
         allowed[self.code_stops] = True
         self.register_buffer("code_allowed", allowed, persistent=False)
         self.decode_engine = "auto"  # how the two streams sample: auto, static or hf (see omni_static.py)
+        self.decode_compile = False  # the static decoder's step through torch.compile
 
     # -- loading -------------------------------------------------------------------------
     @classmethod

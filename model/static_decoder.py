@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .engine import FastDecoder, _linear, _parts
-from .kernels import linear, qkv_rope, rms_norm, swiglu
+from .kernels import linear, rms_norm, swiglu
 from .sampling import Sampling, sample_tokens
 
 CAPACITY_STEP = 64  # the KV cache's length is rounded up to a multiple of this
@@ -111,14 +111,16 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_graphs: int = 4, check_every: int | None = None,
                  parts: Callable[[nn.Module], Parts | str] = model_parts, allowed: torch.Tensor | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, compile: bool = False) -> None:
         """`parts(model)` finds what the step runs (see `Parts`); `allowed` [V] (bool) masks the
         tokens that may never be sampled; `record` keeps each step's final hidden state plus
-        its input embedding (what Qwen2.5-Omni's talker reads of the thinker)."""
+        its input embedding (what Qwen2.5-Omni's talker reads of the thinker); `compile` runs
+        the step compiled by torch.compile (fused elementwise kernels: fewer launches per
+        step), once per bucket, before it is captured."""
         reason = self.unsupported(model, parts)
         if reason is not None:
             raise ValueError(f"the static decoder cannot run {type(model).__name__}: {reason}; sample with rollouts.engine: fast or hf")
-        self.parts, self.allowed, self.record = parts, allowed, record
+        self.parts, self.allowed, self.record, self.compile = parts, allowed, record, compile
         p = parts(model)
         self.fast = FastDecoder(model, (p.decoder, p.head))
         # own the weights: the fused (and merged) ones are new tensors already; the others are cloned
@@ -274,8 +276,11 @@ class _Graph:
             extra=torch.zeros(rows, capacity, owner.embed.shape[1], dtype=dtype, device=dev) if extra else None,
             record=torch.zeros(rows, capacity, f.layers[0]["qkv"][0].shape[1], dtype=dtype, device=dev) if owner.record else None,
         )
+        s.plain = SimpleNamespace(temperature=s.sampling.temperature, top_p=1.0)  # top_p 1: no sort
         self.done = s.done
         self.graph = None
+        # the step as it runs: compiled by torch.compile (inductor) with `compile`, else as written
+        self.run = _compiled(self._step) if owner.compile else self._step
         if dev.type == "cuda":
             self.graph = self._capture(owner._pool)
 
@@ -293,13 +298,13 @@ class _Graph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up (cuBLAS handles, allocator) on a side stream, as capture requires
-                self._step()
+            for _ in range(2):  # warm-up (compilation, cuBLAS handles, allocator) on a side stream, as capture requires
+                self.run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread-local: a Ray worker's other threads may touch CUDA while this captures
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self._step()
+            self.run()
         return graph
 
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, last: torch.Tensor,
@@ -341,13 +346,13 @@ class _Graph:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._step()
+            self.run()
 
     # -- the device side: fixed shapes, no host reads ------------------------------------
     def _step(self) -> None:
         s, f = self.state, self.owner.fast
         # sample this step's token from the last logits (top_p is a Python choice of the bucket)
-        settings = s.sampling if self.nucleus else SimpleNamespace(temperature=s.sampling.temperature, top_p=1.0)
+        settings = s.sampling if self.nucleus else s.plain
         token, logp = sample_tokens(s.last, s.uniforms.index_select(1, s.t).squeeze(1), settings)
         token = torch.where(s.done, s.pad, token)
         s.out.index_copy_(1, s.t, token.unsqueeze(1))
@@ -364,16 +369,17 @@ class _Graph:
         if self.owner.input_proj is not None:
             x = linear(embedded, *self.owner.input_proj)
         B, H = x.shape
-        cos = s.cos.index_select(0, s.position).view(B, 1, 1, -1)
-        sin = s.sin.index_select(0, s.position).view(B, 1, 1, -1)
+        cos = s.cos.index_select(0, s.position).view(B, 1, -1)
+        sin = s.sin.index_select(0, s.position).view(B, 1, -1)
         bias = torch.zeros(s.valid.shape, dtype=torch.float32, device=x.device).masked_fill_(~s.valid, float("-inf"))
         bias = bias.view(B, 1, 1, -1)
         group = f.n_heads // f.n_kv
         for i, w in enumerate(f.layers):
             h = rms_norm(x, *w["norm1"])
-            q, k, v = qkv_rope(linear(h, *w["qkv"]).view(B, 1, -1), cos, sin, f.n_heads, f.n_kv)
-            s.keys[i].index_copy_(2, slot, k)
-            s.values[i].index_copy_(2, slot, v)
+            qkv = linear(h, *w["qkv"]).view(B, f.n_heads + 2 * f.n_kv, -1)
+            q = _rope(qkv[:, : f.n_heads], cos, sin)
+            s.keys[i].index_copy_(2, slot, _rope(qkv[:, f.n_heads : f.n_heads + f.n_kv], cos, sin).unsqueeze(2))
+            s.values[i].index_copy_(2, slot, qkv[:, f.n_heads + f.n_kv :].unsqueeze(2))
             attn = _decode_attention(q.view(B, f.n_kv, group, -1), s.keys[i], s.values[i], bias, w["scale"])
             x = linear(attn.reshape(B, -1), *w["o"], residual=x)
             h = rms_norm(x, *w["norm2"])
@@ -387,6 +393,33 @@ class _Graph:
         s.last.copy_(logits)
         s.position.add_(1)
         s.t.add_(1)
+
+
+def _compiled(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` compiled whole (no graph breaks) for its fixed shapes; if compiling fails, a
+    warning says why and `step` runs as written (the same results)."""
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)
+    state = {"run": compiled}
+
+    def run() -> None:
+        try:
+            state["run"]()
+        except Exception as error:  # noqa: BLE001 - compilation fails before anything runs
+            if state["run"] is step:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {str(error)[:300]}); "
+                          "it runs uncompiled (same results)", stacklevel=2)
+            state["run"] = step
+            step()
+
+    return run
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, d] at cos/sin [B, 1, d], as transformers writes it
+    (x * cos + rotate_half(x) * sin), out of place: what torch.compile can trace."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -182,10 +182,14 @@ class RolloutConfig:
     max_restarts: int = 3  # restarts of dead workers allowed within one call before the run fails
     # one step off-policy: generate step k+1's rollouts (weights v) while step k updates to v+1
     async_generation: bool = False
-    # sampling: "auto" = vocalign's fast decoder (merged LoRA, fused projections, in-place KV
-    # cache) where it runs the model (Qwen2-family LMs), else transformers; "fast": it or an
-    # error; "hf": always through transformers
+    # sampling: "auto" = on CUDA vocalign's static decoder (static KV cache, CUDA graphs), else its
+    # fast decoder (merged LoRA, fused projections, in-place KV cache), where they run the model
+    # (Qwen2-family LMs; the static one Qwen2.5-Omni too), else transformers; "static"/"fast": that
+    # one or an error; "hf": always through transformers
     engine: Literal["auto", "static", "fast", "hf"] = "auto"
+    # the static decoder's step compiled by torch.compile before it is captured (fewer kernels a step;
+    # a compilation per batch bucket, tens of seconds each)
+    compile: bool = False
     tools: list[str] = field(default_factory=list)  # tools the policy may call (multi-turn rollouts)
     max_turns: int = 2  # tool calls per response at most
     tool_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tool, e.g. {retrieval: {root: docs/}}

@@ -65,6 +65,7 @@ def configure_policy(policy: Policy, recipe: Recipe) -> Policy:
     `rl.forward_engine`) to a freshly loaded policy."""
     place(policy, recipe)
     policy.decode_engine = recipe.rollouts.engine
+    policy.decode_compile = recipe.rollouts.compile
     policy.shared_prompt_forward = recipe.rl.shared_prompt_forward
     policy.forward_engine = recipe.rl.forward_engine
     return policy

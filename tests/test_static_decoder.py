@@ -6,6 +6,8 @@ within 1e-5."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -125,6 +127,27 @@ def test_qwen2_5_omni_thinker_and_talker_sample_what_transformers_samples(tmp_pa
     policy.decode_engine = "fast"
     with pytest.raises(ValueError, match="does not run Qwen2.5-Omni"):
         omni.sample(omni_prompts()[1], Sampling(max_new_tokens=4), seed=0, max_codes=4, render=False)
+
+
+def test_the_compiled_step_samples_the_same():
+    """rollouts.compile: the step through torch.compile (on a CPU, inductor's C++ kernels), on
+    a one-layer Qwen2 to keep the compilation short."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vocalign.model.hf_text import CausalTextLM, text_policy
+
+    tokenizer = make_policy("text").tokenizer
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    policy = text_policy(CausalTextLM(Qwen2ForCausalLM(config).eval()), tokenizer)
+    policy.decode_compile = True
+    prompts = make_prompts("text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a failed compilation warns and runs uncompiled: not here
+        compiled = generate(policy, "static", prompts, temperature=1.3)
+    assert policy._static.compile
+    assert_same_generations(compiled, generate(policy, "fast", prompts, temperature=1.3))
 
 
 def test_bad_use_is_refused_with_the_reason():
