@@ -124,22 +124,9 @@ class OmniPolicy(Policy):
         self.shared_prompt_forward = False  # every row runs its own forward (below)
         self.set_train_parts(train_parts)
 
-    @property
-    def decode_engine(self) -> str:
-        """`rollouts.engine`, which the model's own sampling reads (see omni_static.py)."""
-        return self.model.decode_engine
-
-    @decode_engine.setter
-    def decode_engine(self, value: str) -> None:
-        self.model.decode_engine = value
-
-    @property
-    def decode_compile(self) -> bool:
-        return self.model.decode_compile
-
-    @decode_compile.setter
-    def decode_compile(self, value: bool) -> None:
-        self.model.decode_compile = value
+    # `rollouts.engine` and `rollouts.compile`, which the model's own sampling reads (omni_static.py)
+    decode_engine = property(lambda self: self.model.decode_engine, lambda self, v: setattr(self.model, "decode_engine", v))
+    decode_compile = property(lambda self: self.model.decode_compile, lambda self, v: setattr(self.model, "decode_compile", v))
 
     # -- what trains ---------------------------------------------------------------------
     def set_train_parts(self, parts: Sequence[str]) -> None:

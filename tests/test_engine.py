@@ -127,24 +127,30 @@ def test_fast_decoder_follows_the_weights_and_disabled_adapters():
     assert_same_generations(base_fast, before)  # B was zero before: the base model
 
 
+def stop_id_runs(policy: Policy, prompts: list[Prompt], engines: tuple[str, str]) -> tuple[int, dict]:
+    """A token the first engine samples mid-response, and each engine's generations with it
+    as a stop id (it cuts responses there)."""
+    counts: dict[int, int] = {}
+    for g in generate(policy, engines[0], prompts, temperature=1.5):
+        for t in g.response_ids[1:-1]:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)
+    batch = policy.encode_prompts(prompts)
+    runs = {}
+    for engine in engines:
+        policy.decode_engine = engine
+        runs[engine] = policy.generate(batch, n=3, sampling=Sampling(max_new_tokens=16, temperature=1.5), seed=7, stop_ids=[stop])
+    assert any(g.response_ids[-1] == stop and len(g.response_ids) < 16 for g in runs[engines[0]])
+    return stop, runs
+
+
 def test_stop_ids_and_top_p_behave_the_same():
     policy = make_policy("embedded")
     prompts = make_prompts("embedded")
     for sampling in ({"top_p": 0.8}, {"temperature": 1e-4}):
         assert_same_generations(generate(policy, "fast", prompts, **sampling), generate(policy, "hf", prompts, **sampling))
-    free = generate(policy, "hf", prompts, temperature=1.5)
-    counts = {}
-    for g in free:
-        for t in g.response_ids[1:-1]:
-            counts[t] = counts.get(t, 0) + 1
-    stop = max(counts, key=counts.get)  # a token sampled mid-response: a stop id cuts responses there
-    batch = policy.encode_prompts(prompts)
-    runs = {}
-    for engine in ("fast", "hf"):
-        policy.decode_engine = engine
-        runs[engine] = policy.generate(batch, n=3, sampling=Sampling(max_new_tokens=16, temperature=1.5), seed=7, stop_ids=[stop])
+    _, runs = stop_id_runs(policy, prompts, ("hf", "fast"))
     assert_same_generations(runs["fast"], runs["hf"])
-    assert any(g.response_ids[-1] == stop and len(g.response_ids) < 16 for g in runs["fast"])
 
 
 def test_an_unsupported_model_falls_back_or_is_refused_with_the_reason():

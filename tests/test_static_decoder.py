@@ -19,7 +19,8 @@ from vocalign.model.engine import FastDecoder
 from vocalign.model.policy import Sampling
 from vocalign.model.static_decoder import MAX_STOPS, StaticDecoder, batch_bucket, capacity_bucket
 
-from test_engine import assert_same_generations, generate, make_policy, make_prompts, policy_under_test, randomise_lora, text_lm
+from test_engine import (assert_same_generations, generate, make_policy, make_prompts, policy_under_test, randomise_lora,
+                         stop_id_runs, text_lm)
 from test_omni import _prompts as omni_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -45,19 +46,8 @@ def test_top_p_greedy_and_stop_ids_behave_the_same():
     prompts = make_prompts("embedded")
     for sampling in ({"top_p": 0.8}, {"temperature": 1e-4}):
         assert_same_generations(generate(policy, "static", prompts, **sampling), generate(policy, "fast", prompts, **sampling))
-    free = generate(policy, "fast", prompts, temperature=1.5)
-    counts: dict[int, int] = {}
-    for g in free:
-        for t in g.response_ids[1:-1]:
-            counts[t] = counts.get(t, 0) + 1
-    stop = max(counts, key=counts.get)  # a token sampled mid-response: a stop id cuts responses there
-    batch = policy.encode_prompts(prompts)
-    runs = {}
-    for engine in ("static", "fast"):
-        policy.decode_engine = engine
-        runs[engine] = policy.generate(batch, n=3, sampling=Sampling(max_new_tokens=16, temperature=1.5), seed=7, stop_ids=[stop])
+    _, runs = stop_id_runs(policy, prompts, ("static", "fast"))
     assert_same_generations(runs["static"], runs["fast"])
-    assert any(g.response_ids[-1] == stop and len(g.response_ids) < 16 for g in runs["static"])
     # the nucleus and the plain sampler are two buckets of the same shape
     assert sorted(key[2] for key in policy._static.graphs) == [False, True]
 
