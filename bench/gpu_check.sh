@@ -81,9 +81,9 @@ print('espeak-ng: one second of speech,', len(synthesize('one two three four', s
 step gpu_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_static_decoder.py -k cuda -rs
 step decode_0_5b 150 python3 bench/bench_decode.py --device "$DEVICE" --preset 0.5b --dtype bfloat16 $DEC --check \
   --engines static,fast,hf_generate,hf_generate_static_eager --out "$RUNS/decode_0_5b.json"
-step train_lora 200 $VOCALIGN train demo $CUT run.output_dir=$RUNS/lora
-step resume_lora 90 $VOCALIGN train demo $CUT rl.steps=$MORE run.output_dir=$RUNS/lora run.resume=true
-step train_full 120 $VOCALIGN train demo sft.steps=0 rl.steps=$(( RL / 2 )) rl.lora.enabled=false run.save_every=$(( EVERY / 2 )) \
+step train_lora 240 $VOCALIGN train demo $CUT run.output_dir=$RUNS/lora
+step resume_lora 120 $VOCALIGN train demo $CUT rl.steps=$MORE run.output_dir=$RUNS/lora run.resume=true
+step train_full 150 $VOCALIGN train demo sft.steps=0 rl.steps=$(( RL / 2 )) rl.lora.enabled=false run.save_every=$(( EVERY / 2 )) \
   logging.wandb=false run.progress=false eval.n=$N model.device=$DEVICE model.path=$RUNS/lora/checkpoints/base run.output_dir=$RUNS/full
 step update_mfu 120 python3 bench/bench_engine.py --device "$DEVICE" $ENG --dtype bfloat16 --repeats 2 --skip-agreement --out "$RUNS/engine.json"
 step decode_embedded 60 python3 bench/bench_decode.py --device "$DEVICE" --preset embedded --dtype bfloat16 $DEC \

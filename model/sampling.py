@@ -34,14 +34,26 @@ def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling with top-p; returns (tokens, logprobs under the temperature)."""
-    logp = F.log_softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p >= 1.0:  # no nucleus to find: the inverse CDF over the vocabulary as it is, no sort
-        cum = logp.exp().cumsum(-1)
-        tokens = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=logp.shape[-1] - 1)
-        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return sample_full(logits, uniforms, sampling.temperature)
+    return sample_nucleus(logits, uniforms, sampling.temperature, sampling.top_p)
+
+
+def sample_full(logits: torch.Tensor, uniforms: torch.Tensor, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` without top-p. `temperature` may be a float or a 0-d tensor (nothing here
+    reads a tensor's value on the host: a CUDA graph can hold it)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    cum = logp.exp().cumsum(-1)
+    tokens = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=logp.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_nucleus(logits: torch.Tensor, uniforms: torch.Tensor, temperature, top_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` with top-p < 1; `temperature` and `top_p` floats or 0-d tensors."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
     probs, order = logp.exp().sort(dim=-1, descending=True)
     cum = probs.cumsum(-1)
-    probs = probs * ((cum - probs) < sampling.top_p)  # the smallest set reaching top_p
+    probs = probs * ((cum - probs) < top_p)  # the smallest set reaching top_p
     cum = probs.cumsum(-1)
     pick = (cum < uniforms.unsqueeze(-1) * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
     tokens = order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)

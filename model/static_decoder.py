@@ -53,7 +53,7 @@ from torch import nn
 
 from .engine import FastDecoder, _linear, _parts
 from .kernels import linear, rms_norm, swiglu
-from .sampling import Sampling, sample_tokens
+from .sampling import Sampling, sample_full, sample_nucleus
 
 CAPACITY_STEP = 64  # the KV cache's length is rounded up to a multiple of this
 MAX_STOPS = 8  # stop tokens a graph's stop test holds (unused slots are -1)
@@ -258,7 +258,8 @@ class _Graph:
         self.state = s = SimpleNamespace(
             keys=[torch.zeros(rows, f.n_kv, capacity, f.head_dim, dtype=dtype, device=dev) for _ in f.layers],
             values=[torch.zeros(rows, f.n_kv, capacity, f.head_dim, dtype=dtype, device=dev) for _ in f.layers],
-            valid=torch.zeros(rows, capacity, dtype=torch.bool, device=dev),
+            # the attention mask as it is added to the scores: 0 where a row may attend, else -inf
+            bias=torch.zeros(rows, capacity, dtype=torch.float32, device=dev),
             last=torch.zeros(rows, V, dtype=torch.float32, device=dev),  # the logits the next token is sampled from
             position=torch.zeros(rows, dtype=torch.long, device=dev),  # the next token's position
             uniforms=torch.zeros(rows, capacity, dtype=torch.float32, device=dev),
@@ -276,7 +277,6 @@ class _Graph:
             extra=torch.zeros(rows, capacity, owner.embed.shape[1], dtype=dtype, device=dev) if extra else None,
             record=torch.zeros(rows, capacity, f.layers[0]["qkv"][0].shape[1], dtype=dtype, device=dev) if owner.record else None,
         )
-        s.plain = SimpleNamespace(temperature=s.sampling.temperature, top_p=1.0)  # top_p 1: no sort
         self.done = s.done
         self.graph = None
         # the step as it runs: compiled by torch.compile (inductor) with `compile`, else as written
@@ -317,9 +317,9 @@ class _Graph:
         P = keys[0].shape[2]
         for mine, theirs in zip(s.keys + s.values, keys + values):
             mine[:B, :, :P] = theirs
-        s.valid.zero_()
-        s.valid[:B, :P] = valid[:, :P]
-        s.valid[B:, 0] = True  # a padded row attends to one (zero) key: no empty softmax
+        s.bias.fill_(float("-inf"))
+        s.bias[:B, :P].masked_fill_(valid[:, :P], 0.0)
+        s.bias[B:, 0] = 0.0  # a padded row attends to one (zero) key: no empty softmax
         s.last.zero_()
         s.last[:B] = last
         s.position.zero_()
@@ -352,8 +352,11 @@ class _Graph:
     def _step(self) -> None:
         s, f = self.state, self.owner.fast
         # sample this step's token from the last logits (top_p is a Python choice of the bucket)
-        settings = s.sampling if self.nucleus else s.plain
-        token, logp = sample_tokens(s.last, s.uniforms.index_select(1, s.t).squeeze(1), settings)
+        uniforms = s.uniforms.index_select(1, s.t).squeeze(1)
+        if self.nucleus:  # a Python choice, made per bucket: the sampler reads no tensor on the host
+            token, logp = sample_nucleus(s.last, uniforms, s.sampling.temperature, s.sampling.top_p)
+        else:
+            token, logp = sample_full(s.last, uniforms, s.sampling.temperature)
         token = torch.where(s.done, s.pad, token)
         s.out.index_copy_(1, s.t, token.unsqueeze(1))
         s.logps.index_copy_(1, s.t, torch.where(s.done, 0.0, logp).unsqueeze(1))
@@ -362,7 +365,7 @@ class _Graph:
         s.done.logical_or_(newly)
         # run it: its key and value go to cache slot start + t
         slot = s.start + s.t
-        s.valid.index_fill_(1, slot, True)
+        s.bias.index_fill_(1, slot, 0.0)
         x = embedded = self.owner.embed.index_select(0, token).to(self.owner.dtype)
         if s.extra is not None:
             x = embedded = embedded + s.extra.index_select(1, s.t).squeeze(1)
@@ -371,8 +374,7 @@ class _Graph:
         B, H = x.shape
         cos = s.cos.index_select(0, s.position).view(B, 1, -1)
         sin = s.sin.index_select(0, s.position).view(B, 1, -1)
-        bias = torch.zeros(s.valid.shape, dtype=torch.float32, device=x.device).masked_fill_(~s.valid, float("-inf"))
-        bias = bias.view(B, 1, 1, -1)
+        bias = s.bias.view(B, 1, 1, -1)
         group = f.n_heads // f.n_kv
         for i, w in enumerate(f.layers):
             h = rms_norm(x, *w["norm1"])

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vocalign.model.decoding import decode
 from vocalign.model.omni_policy import OmniPolicy
@@ -138,6 +139,48 @@ def test_the_compiled_step_samples_the_same():
         compiled = generate(policy, "static", prompts, temperature=1.3)
     assert policy._static.compile
     assert_same_generations(compiled, generate(policy, "fast", prompts, temperature=1.3))
+
+
+class HostReads(TorchDispatchMode):
+    """The ops run inside it that read a tensor's value on the host, or size their output by
+    its data: each waits for the device, which a CUDA graph cannot capture."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero",
+               "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_reads_nothing_back_to_the_host(tmp_path):
+    """What a CUDA graph needs, checked on a CPU: the step of every kind of bucket (plain and
+    top-p sampling; Qwen2.5-Omni's recording thinker and its talker with per-step inputs, a
+    projection and a code mask) runs without one op that waits for the device's values."""
+    with HostReads() as probe:  # the probe sees such a read where there is one
+        bool(torch.ones(2).sum() > 1)
+    assert probe.seen == ["aten::_local_scalar_dense"]
+    policy = make_policy("text")
+    prompts = make_prompts("text")
+    for sampling in ({"temperature": 1.3}, {"top_p": 0.8}):
+        generate(policy, "static", prompts, **sampling)
+    omni = OmniSpeech.load(write_tiny_omni(tmp_path, seed=0))
+    omni.decode_engine = "static"
+    omni.sample(omni_prompts()[0], Sampling(max_new_tokens=6), seed=1, max_codes=8, render=False)
+    from vocalign.model.omni_static import decoders
+
+    graphs = [*policy._static._graphs.values(), *(g for d in decoders(omni) for g in d._graphs.values())]
+    assert sorted((g.nucleus, g.state.extra is not None, g.state.record is not None) for g in graphs) == [
+        (False, False, False), (False, False, True), (False, True, False), (True, False, False)]
+    for graph in graphs:
+        with HostReads() as probe:
+            graph._step()
+        assert probe.seen == [], (graph.rows, graph.capacity, graph.nucleus)
 
 
 def test_bad_use_is_refused_with_the_reason():
