@@ -16,9 +16,10 @@ Two parts, on a Qwen2 built from a config (random weights, the embedded tokenize
    samples, up to `--new-tokens` new tokens) generated, then one update (log-probs and
    entropies, backward, AdamW step), each with the fast paths (`rollouts.engine: auto`,
    `rl.forward_engine: auto`, shared prompts) and with the `transformers` paths
-   (`hf`, each row whole); the median of `--repeats` after one warm-up. The update's
-   model FLOP/s (6 x matmul parameters x useful tokens; see `update_flops`) and, on a GPU,
-   its MFU against the datasheet's dense peak and against a measured 8192^3 matmul.
+   (`hf`, each row whole); the median of `--repeats` after one warm-up. The model FLOP/s
+   of the update's forward and backward (6 x matmul parameters x useful tokens over their
+   time, the optimiser step left out; see `update_flops`) and, on a GPU, that MFU against
+   the datasheet's dense peak and against a measured 8192^3 matmul.
 
 Prints a Markdown table and writes bench/results/engine-<device>-<preset>.json (`--out`).
 """
@@ -137,7 +138,8 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
     policy = make_policy(tokenizer, args.preset, args.device, dtype)
     prompts = make_prompts(args.prompts)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
-    results = {key: {"generate_s": [], "update_s": [], "tokens": [], "flops": []} for key in ("fast", "transformers")}
+    results = {key: {"generate_s": [], "update_s": [], "forward_backward_s": [], "tokens": [], "flops": []}
+               for key in ("fast", "transformers")}
     for r in range(args.repeats + 1):  # the two take turns; round 0 is a warm-up
         for fast in (True, False):
             use(policy, fast)
@@ -149,6 +151,8 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
             policy.model.train()
             logp, _ = policy.logprobs_and_entropy(seq)
             (-logp.float().sum() / seq.response_mask.sum()).backward()
+            sync(args.device)
+            backward_end = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync(args.device)
@@ -157,6 +161,7 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
                 got = results["fast" if fast else "transformers"]
                 got["generate_s"].append(mid - start)
                 got["update_s"].append(end - mid)
+                got["forward_backward_s"].append(backward_end - mid)
                 got["tokens"].append(sum(len(g.response_ids) for g in gens) / len(gens))
                 got["flops"].append(update_flops(policy, seq))
     summary = {}
@@ -167,7 +172,9 @@ def timing(tokenizer: ChatTokenizer, args) -> dict:
         }
         summary[key]["samples_per_s"] = args.prompts * args.group / (summary[key]["generate_s"] + summary[key]["update_s"])
         summary[key]["update_model_tflop"] = statistics.median(r["flops"]) / 1e12
-        summary[key]["update_tflops_per_s"] = statistics.median(f / s for f, s in zip(r["flops"], r["update_s"])) / 1e12
+        summary[key]["update_forward_backward_s"] = statistics.median(r["forward_backward_s"])
+        # the forward and backward alone (the optimiser step is not model FLOPs)
+        summary[key]["update_tflops_per_s"] = statistics.median(f / s for f, s in zip(r["flops"], r["forward_backward_s"])) / 1e12
     if args.device == "cuda":
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         summary["peak_tflops"] = {"datasheet_dense": DATASHEET_TFLOPS.get(args.dtype, {}).get(

@@ -379,8 +379,9 @@ class _Graph:
         for i, w in enumerate(f.layers):
             h = rms_norm(x, *w["norm1"])
             qkv = linear(h, *w["qkv"]).view(B, f.n_heads + 2 * f.n_kv, -1)
-            q = _rope(qkv[:, : f.n_heads], cos, sin)
-            s.keys[i].index_copy_(2, slot, _rope(qkv[:, f.n_heads : f.n_heads + f.n_kv], cos, sin).unsqueeze(2))
+            qk = _rope(qkv[:, : f.n_heads + f.n_kv], cos, sin)  # q's and k's heads at once: one set of kernels
+            q = qk[:, : f.n_heads]
+            s.keys[i].index_copy_(2, slot, qk[:, f.n_heads :].unsqueeze(2))
             s.values[i].index_copy_(2, slot, qkv[:, f.n_heads + f.n_kv :].unsqueeze(2))
             attn = _decode_attention(q.view(B, f.n_kv, group, -1), s.keys[i], s.values[i], bias, w["scale"])
             x = linear(attn.reshape(B, -1), *w["o"], residual=x)
