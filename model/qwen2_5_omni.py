@@ -115,6 +115,7 @@ class OmniSpeech(nn.Module):
         self.register_buffer("code_allowed", allowed, persistent=False)
         self.decode_engine = "auto"  # how the two streams sample: auto, static or hf (see omni_static.py)
         self.decode_compile = False  # the static decoder's step through torch.compile
+        self.render_steps = 10  # token2wav's ODE time points (the released default; fewer: faster, coarser)
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -350,7 +351,7 @@ class OmniSpeech(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             wav = t2w(torch.tensor([spoken], device=self.device), conditioning=voice["cond"].to(self.device).float(),
-                      reference_mel=voice["ref_mel"].to(self.device).float())
+                      reference_mel=voice["ref_mel"].to(self.device).float(), num_steps=self.render_steps)
         return wav.detach().float().cpu().numpy().reshape(-1)
 
     # -- training ------------------------------------------------------------------------
