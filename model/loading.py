@@ -53,7 +53,7 @@ def load_policy(folder: str | Path, detokenizer: str | None = None, **options: A
     """Load a policy saved by `save_policy` (or `vocalign export`), or a local Qwen2-Audio or
     Qwen2.5-Omni checkpoint. `detokenizer` (a registered name) gives a Qwen2-Audio model speech
     tokens; a folder saved by vocalign names its own, and a different one is refused. `options`
-    give a checkpoint's `dtype` and a Qwen2.5-Omni model's speaker, max_codes and system prompt
+    give a checkpoint's `dtype` and a Qwen2.5-Omni model's speaker, max_codes, system prompt and render_steps
     (`load_omni_policy`)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).exists():

@@ -262,11 +262,13 @@ def _inputs(ids: torch.Tensor, clips: list[torch.Tensor]) -> OmniInputs:
 
 
 def load_omni_policy(folder: str | Path, speaker: str = "Chelsie", max_codes: int = 256,
-                     train_parts: Sequence[str] = PARTS, system: str | None = None, dtype: str = "float32") -> OmniPolicy:
+                     train_parts: Sequence[str] = PARTS, system: str | None = None, dtype: str = "float32",
+                     render_steps: int = 10) -> OmniPolicy:
     """A Qwen2.5-Omni folder (released layout) as a policy speaking with `speaker`, its thinker and
-    talker in `dtype` (token2wav in float32)."""
+    talker in `dtype` (token2wav in float32, its ODE over `render_steps` time points)."""
     from .qwen2_5_omni import DEFAULT_SYSTEM
 
     omni = OmniSpeech.load(folder, dtype=getattr(torch, dtype), system=system or DEFAULT_SYSTEM)
+    omni.render_steps = render_steps
     return OmniPolicy(omni, speaker, max_codes, train_parts)
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from vocalign.rewards import RewardSpec
 from vocalign.rewards.training.reward_model import RewardModelConfig, reward_model_problems
 
+from .omni_recipe import is_omni, omni_problems
 from .stage_spec import StageSpec
 
 
@@ -46,6 +47,9 @@ class ModelConfig:
     speaker: str | None = None
     max_speech_tokens: int = 256
     system_prompt: str | None = None
+    # a Qwen2.5-Omni model.path: the time points token2wav's ODE is solved over (unset: the released 10;
+    # fewer render faster and coarser, with the same duration)
+    render_steps: int | None = None
     # the weights' dtype for a model.path checkpoint (Qwen2.5-Omni's token2wav stays float32)
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -338,50 +342,9 @@ def _cross_key_problems(recipe: Recipe) -> list[str]:
     if rl.dynamic_sampling and rl.algorithm != "grpo":
         problems.append("rl.dynamic_sampling drops groups with equal rewards: it needs rl.algorithm=grpo")
     problems += _trainer_problems(recipe)
-    problems += _omni_problems(recipe)
+    problems += omni_problems(recipe)
     if rl.algorithm == "ppo" and rl.advantage != "group":
         problems.append(f"rl.advantage={rl.advantage} is for the GRPO family; PPO estimates advantages with GAE and its critic")
-    return problems
-
-
-def is_omni(recipe: Recipe) -> bool:
-    """Whether model.path is a Qwen2.5-Omni checkpoint (its config.json says so)."""
-    import json
-    from pathlib import Path
-
-    config = Path(recipe.model.path) / "config.json" if recipe.model.path else None
-    try:
-        return config is not None and json.loads(config.read_text()).get("model_type") == "qwen2_5_omni"
-    except (OSError, ValueError):
-        return False
-
-
-def _omni_problems(recipe: Recipe) -> list[str]:
-    """rl.train_parts and the Omni model settings: only for a Qwen2.5-Omni model.path."""
-    from pathlib import Path
-
-    from vocalign.model.omni_policy import PARTS, parts_problem
-
-    parts, problems = recipe.rl.train_parts, []
-    if recipe.model.path and not (Path(recipe.model.path) / "config.json").is_file():
-        return []  # a missing or unknown model.path is reported on its own
-    if not is_omni(recipe):
-        if sorted(parts) != sorted(PARTS):
-            problems.append(f"rl.train_parts={parts} chooses among Qwen2.5-Omni's parts; model.path is not a Qwen2.5-Omni "
-                            "checkpoint, whose model trains as one part: remove rl.train_parts")
-        if recipe.model.speaker is not None:
-            problems.append(f"model.speaker={recipe.model.speaker!r} picks a Qwen2.5-Omni voice; model.path is not a "
-                            "Qwen2.5-Omni checkpoint: remove it")
-        return problems
-    if parts_problem(parts):
-        problems.append(parts_problem(parts))
-    if recipe.model.max_speech_tokens < 1:
-        problems.append(f"model.max_speech_tokens={recipe.model.max_speech_tokens} must be at least 1")
-    if recipe.model.detokenizer is not None:
-        problems.append("model.detokenizer is for a Qwen2-Audio model.path; Qwen2.5-Omni speaks through its own talker "
-                        "and token2wav: remove it")
-    if recipe.rollouts.tools or "tool_use" in recipe.eval.suites:
-        problems.append("Qwen2.5-Omni cannot call tools yet: remove rollouts.tools and the tool_use eval suite")
     return problems
 
 

@@ -74,7 +74,8 @@ def checkpoint_options(recipe: Recipe) -> dict:
     """What `load_policy` passes to a checkpoint's model: the dtype, and Qwen2.5-Omni's voice,
     code limit and system prompt (which the other models ignore)."""
     m = recipe.model
-    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt, "dtype": m.dtype}
+    return {"speaker": m.speaker, "max_codes": m.max_speech_tokens, "system": m.system_prompt, "dtype": m.dtype,
+            "render_steps": m.render_steps}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,7 +24,7 @@ from vocalign.rl.tracking import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 SHORT = ["rl.steps=4", "run.save_every=2", "run.keep_last=4", "run.progress=false", "data.rl_tasks[0].n=16",
-         "data.eval_prompts=2", "model.max_speech_tokens=16"]
+         "data.eval_prompts=2", "model.max_speech_tokens=16", "model.render_steps=3"]  # token2wav's ODE coarser: faster
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,12 @@ def test_omni_settings_are_checked_before_anything_runs(released: Path) -> None:
     assert "rl.train_parts=['vocoder']: Qwen2.5-Omni's trainable parts are thinker, talker" in problems(
         "rl.train_parts=[vocoder]")
     assert "Qwen2.5-Omni cannot call tools yet" in problems("eval.suites=[tool_use]")
+    assert "model.render_steps=1: token2wav's ODE needs at least 2 time points" in problems("model.render_steps=1")
     demo = load_recipe("demo", ["rl.train_parts=[talker]"], Recipe)
     with pytest.raises(RecipeCheckError, match=r"rl.train_parts=\['talker'\] chooses among Qwen2.5-Omni's parts"):
         check_recipe(demo)
+    with pytest.raises(RecipeCheckError, match=r"model.render_steps=3 sets Qwen2.5-Omni's token2wav; model.path is not"):
+        check_recipe(load_recipe("demo", ["model.render_steps=3"], Recipe))
 
 
 @pytest.mark.slow
