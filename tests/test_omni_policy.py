@@ -107,7 +107,7 @@ def test_grpo_on_the_talker_alone_learns_a_reward_measured_from_its_waveform(rel
     """Random weights cannot say words, but the talker can learn when to stop: GRPO under LoRA
     on the talker alone, rewarded by the duration of token2wav's waveform, raises that
     reward on held-out prompts (a paired bootstrap's 95% interval of the gain above 0).
-    token2wav integrates its ODE over 3 time points, not the released 10: the waveform's
+    token2wav integrates its ODE over 2 time points, not the released 10: the waveform's
     duration (two mel frames a code) does not depend on them, and rendering is most of
     this test's time."""
     from vocalign.rewards import RewardSpec
@@ -116,7 +116,7 @@ def test_grpo_on_the_talker_alone_learns_a_reward_measured_from_its_waveform(rel
     from vocalign.rollouts.worker import RolloutWorker
 
     policy = _policy(released, ["talker"])
-    policy.model.render_steps = 3
+    policy.model.render_steps = 2
     train_prompts, held_out = make_task("arithmetic", 16, seed=1), make_task("arithmetic", 12, seed=99)
     before = _held_out_reward(policy, held_out, seed=7)
     config = RLConfig(prompts_per_step=2, group_size=8, minibatches=1, max_new_tokens=6, lr=5e-3)

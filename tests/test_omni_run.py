@@ -24,7 +24,7 @@ from vocalign.rl.tracking import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 SHORT = ["rl.steps=4", "run.save_every=2", "run.keep_last=4", "run.progress=false", "data.rl_tasks[0].n=16",
-         "data.eval_prompts=2", "model.max_speech_tokens=16", "model.render_steps=3"]  # token2wav's ODE coarser: faster
+         "data.eval_prompts=2", "model.max_speech_tokens=16", "model.render_steps=2"]  # token2wav's ODE coarser: faster
 
 
 @pytest.fixture(scope="module")
