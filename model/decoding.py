@@ -6,13 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .engine import token_positions
 from .sampling import Sampling, decode_loop
 from .static_decoder import StaticDecoder
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position in a left-padded batch (padding at 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def decode(model: nn.Module, engine, embeds: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor,
@@ -25,9 +21,9 @@ def decode(model: nn.Module, engine, embeds: torch.Tensor, prompt_mask: torch.Te
         return engine.sample(embeds, prompt_mask, rows, uniforms, sampling, stops, pad_id)
     P, T = prompt_mask.shape[1], uniforms.shape[1]
     mask = prompt_mask[rows]
-    state = {"mask": mask, "positions": positions_of(mask)}
+    state = {"mask": mask, "positions": token_positions(mask)}
     if engine is not None:  # the prefill runs once per prompt
-        last = engine.prefill(embeds, prompt_mask, positions_of(prompt_mask), capacity=P + T, rows=rows)
+        last = engine.prefill(embeds, prompt_mask, token_positions(prompt_mask), capacity=P + T, rows=rows)
     else:
         logits, state["past"] = model.decode(embeds[rows], mask, state["positions"], use_cache=True)
         last = logits[:, -1]

@@ -75,6 +75,11 @@ def _linear(module: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.
 
 
 
+def token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position in a left-padded batch (mask [B, T], 1 = token; padding at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def prompt_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     """The [B, 1, P, P] boolean attention mask of a left-padded prompt: causal, and only
     over valid keys (`valid` [B, P]); a padding query attends to itself only, so no row of

@@ -97,12 +97,11 @@ def sample_text(omni, embeds: torch.Tensor, positions: torch.Tensor, uniforms: t
     cache = DynamicCache(config=omni.hf.config.thinker_config.text_config)
     logits, prompt_hidden = omni._thinker(embeds, positions, cache)
     keys, values = _layers(cache)
-    rows = torch.zeros(R, dtype=torch.long, device=omni.device)
     position = torch.full((R,), int(positions.max()) + 1, device=omni.device)
     stops = torch.tensor(omni.stop_ids, device=omni.device)
-    tokens, logps, lengths, _, replies = thinker.sample_cached(
-        [k.index_select(0, rows) for k in keys], [v.index_select(0, rows) for v in values],
-        logits[:, -1].float().expand(R, -1), position, uniforms[:, :T], sampling, stops, omni.stop_ids[0])
+    # the prompt's one row of keys and values: copied once into each of the R rows of the static cache
+    tokens, logps, lengths, _, replies = thinker.sample_cached(keys, values, logits[:, -1].float().expand(R, -1), position,
+                                                               uniforms[:, :T], sampling, stops, omni.stop_ids[0])
     out = []
     for r in range(R):
         n = int(lengths[r])

@@ -23,6 +23,7 @@ from vocalign.data.types import Prompt
 
 from .kernels import token_logprobs
 from .decoding import decode
+from .engine import token_positions
 from .sampling import Sampling, row_seed, sample_tokens
 from .lora import attach_lora
 from .tokenizer import ChatTokenizer
@@ -124,10 +125,6 @@ def place_audio(embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: i
             f"gives {frames.shape[0]} frames; {fix}"
         )
     return embeds.masked_scatter(slots.unsqueeze(-1), frames.to(embeds.dtype))
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Policy:
@@ -240,13 +237,13 @@ class Policy:
 
         choice = getattr(self, "decode_engine", "auto")
         # auto leaves ZeRO-3 (parameters with a ds_id) to the fast decoder: a static one keeps a whole copy
-        zero3 = any(hasattr(p, "ds_id") for p in self.model.parameters())
-        if choice == "static" or (choice == "auto" and self.device.type == "cuda" and not zero3
-                                  and StaticDecoder.unsupported(self.model) is None):
-            reason = StaticDecoder.unsupported(self.model)
-            if reason is not None:
-                raise ValueError(f"rollouts.engine is 'static' but the static decoder cannot run this model: {reason}; "
-                                 "set rollouts.engine: auto (or fast, hf)")
+        wanted = choice == "static" or (choice == "auto" and self.device.type == "cuda"
+                                        and not any(hasattr(p, "ds_id") for p in self.model.parameters()))
+        reason = StaticDecoder.unsupported(self.model) if wanted else None
+        if reason is not None and choice == "static":
+            raise ValueError(f"rollouts.engine is 'static' but the static decoder cannot run this model: {reason}; "
+                             "set rollouts.engine: auto (or fast, hf)")
+        if wanted and reason is None:
             static, compile = getattr(self, "_static", None), getattr(self, "decode_compile", False)
             if static is not None and static.source == id(self.model) and static.compile == compile:
                 try:
@@ -301,10 +298,10 @@ class Policy:
         else:
             clips, prompt_ids, prompt_mask = batch.encoded, batch.input_ids[:, :P], batch.attention_mask[:, :P]
         args = (
-            self.model.input_embeddings(prompt_ids, clips), prompt_mask, _positions(prompt_mask),
+            self.model.input_embeddings(prompt_ids, clips), prompt_mask, token_positions(prompt_mask),
             # the last response token is not run: no position after it is scored
             self.model.input_embeddings(batch.input_ids[:, P : P + R - 1], None),
-            _positions(batch.attention_mask)[:, P : P + R - 1], rows,
+            token_positions(batch.attention_mask)[:, P : P + R - 1], rows,
         )
         return engine.logits(*args) if head else engine.hidden(*args)
 
@@ -321,7 +318,7 @@ class Policy:
             return self._fast_hidden(engine, batch, head=True)
         if self._shares_prompts(batch):
             return self._shared_prompt_logits(batch)
-        logits, _ = self.model.decode(self._embeddings(batch), batch.attention_mask, _positions(batch.attention_mask))
+        logits, _ = self.model.decode(self._embeddings(batch), batch.attention_mask, token_positions(batch.attention_mask))
         return logits[:, batch.prompt_len - 1 : -1]
 
     def _embeddings(self, batch: SequenceBatch) -> torch.Tensor:
@@ -339,7 +336,7 @@ class Policy:
         first, clips = self._distinct_prompts(batch)
         prompt_mask = batch.attention_mask[first, :P]
         embeds = self.model.input_embeddings(batch.input_ids[first, :P], clips)
-        prompt_logits, cache = self.model.decode(embeds, prompt_mask, _positions(prompt_mask), use_cache=True)
+        prompt_logits, cache = self.model.decode(embeds, prompt_mask, token_positions(prompt_mask), use_cache=True)
         if cache is None:
             raise RuntimeError(
                 f"{type(self.model).__name__}.decode returned no KV cache with use_cache=True, so rows cannot share their "
@@ -349,7 +346,7 @@ class Policy:
         cache.batch_select_indices(index)  # each row reads its prompt's keys and values (differentiably)
         responses = self.model.input_embeddings(batch.input_ids[:, P:], None)
         logits, _ = self.model.decode(
-            responses, batch.attention_mask, _positions(batch.attention_mask)[:, P:], cache=cache, use_cache=True,
+            responses, batch.attention_mask, token_positions(batch.attention_mask)[:, P:], cache=cache, use_cache=True,
         )
         return torch.cat([prompt_logits[index, -1:], logits[:, :-1]], dim=1)
 
@@ -373,7 +370,7 @@ class Policy:
         engine = self.forward_for_training()
         if engine is not None:  # rows that share a prompt compute it once here too
             return self._fast_hidden(engine, batch, head=False)
-        hidden = self.model.hidden_states(self._embeddings(batch), batch.attention_mask, _positions(batch.attention_mask))
+        hidden = self.model.hidden_states(self._embeddings(batch), batch.attention_mask, token_positions(batch.attention_mask))
         return hidden[:, batch.prompt_len - 1 : -1]
 
     def trained_tokens(self, response_ids: Sequence[int]) -> list[float]:

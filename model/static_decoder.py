@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .engine import FastDecoder, _linear, _parts
+from .engine import FastDecoder, _linear, _parts, token_positions
 from .kernels import linear, rms_norm, swiglu
 from .sampling import Sampling, sample_full, sample_nucleus
 
@@ -189,7 +189,7 @@ class StaticDecoder:
         [B, T] are each row's uniforms. A row stops after one of `stops`. Returns tokens
         [B, T] (pad after a stop), their log-probabilities [B, T] (0 after a stop), lengths
         [B] and done [B], as `Policy.generate`'s loop computes them."""
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = token_positions(mask)
         last = self.fast.prefill(embeds, mask, positions, capacity=mask.shape[1], rows=rows)  # [B, V]; the cache [B, kv, P, d]
         keys, values, valid = self.fast.keys, self.fast.values, self.fast.valid
         self.fast.keys, self.fast.values, self.fast.valid = [], [], None  # copied into the bucket's cache below
@@ -200,7 +200,8 @@ class StaticDecoder:
                       uniforms: torch.Tensor, sampling: Sampling, stops: torch.Tensor, pad_id: int,
                       extra: torch.Tensor | None = None):
         """Sample after a prefill run elsewhere (transformers): each layer's keys and values [B,
-        kv, P, d] (rotary embedding applied; every position a token), the last logits [B, V],
+        kv, P, d], or [1, kv, P, d] for one prompt all B rows continue (rotary embedding applied;
+        every position a token), the last logits [B, V],
         each row's next position [B]; `extra` [B, T, H] is added to the embedding of step t's
         token. Returns what `sample` does and, with `record`, each step's final hidden state
         plus its input [B, T, H] (else None)."""
